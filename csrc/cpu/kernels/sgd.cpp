@@ -1,0 +1,34 @@
+#include "../vec.h"  // first: Note [Rule bodies]
+#include "../loop.h"
+#include "kernels.h"
+
+namespace fusedopt::cpu::CPU_CAPABILITY {
+
+void sgd(const OptimizerCall<math::SgdHyper>& call) {
+  const bool momentum = call.hyper.momentum != 0;
+  FUSEDOPT_BOOL_SWITCH(call.common.masked(), MASK, [&] {
+    FUSEDOPT_DECAY_SWITCH(call.common.decay(), DECAY, [&] {
+      FUSEDOPT_BOOL_SWITCH(momentum, MOMENTUM, [&] {
+        FUSEDOPT_BOOL_SWITCH(momentum && call.hyper.nesterov, NESTEROV, [&] {
+          FUSEDOPT_BOOL_SWITCH(momentum && call.hyper.ema, EMA, [&] {
+            if constexpr (!(NESTEROV && EMA)) {
+              constexpr int N = MOMENTUM ? 3 : 2;
+              run_optimizer<N, MASK>(call, [&](const TensorRef& t, auto s) {
+                using S = decltype(s);
+                const auto pre = math::make_pre<S>(call.common, call.grad_scale, call.scaled);
+                const auto c = math::sgd_consts<S>(call.common, call.hyper, t.step);
+                return [=](auto* x, auto keep) {
+                  x[1] = math::prelude<DECAY, MASK>(x[1], x[0], keep, pre);
+                  math::sgd_rule<MOMENTUM, NESTEROV, EMA>(x[0], x[1], x[N - 1], c);
+                  math::epilogue<DECAY>(x[0], pre);
+                };
+              });
+            }
+          });
+        });
+      });
+    });
+  });
+}
+
+}  // namespace fusedopt::cpu::CPU_CAPABILITY

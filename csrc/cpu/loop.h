@@ -1,0 +1,127 @@
+#pragma once
+// The CPU driver: one flat list of chunks over every tensor of a call, split
+// across threads by at::parallel_for, and an element loop that runs a rule
+// body on op-math vectors and then on scalars for the tail.
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "fusedopt/dispatch.h"
+#include "fusedopt/launch.h"
+#include "fusedopt/philox.h"
+#include "vec.h"
+
+namespace fusedopt {
+namespace cpu {
+namespace CPU_CAPABILITY {
+
+// Note [CPU chunks]
+// A call over 3000 small tensors must not pay a parallel region per tensor
+// (torch's fused CPU optimizers do, ~10 µs each). We cut every tensor into
+// chunks of at most kChunk elements, put all chunks of all tensors in one
+// list, and hand contiguous runs of that list to threads. Elements are
+// independent, so results never depend on the thread count.
+constexpr int64_t kChunk = int64_t(1) << 15;
+
+template <typename F>
+void for_each_chunk(const std::vector<TensorRef>& tensors, const F& fn) {
+  struct Chunk {
+    int64_t tensor, begin, end;
+  };
+  std::vector<Chunk> chunks;
+  int64_t total = 0;
+  for (int64_t j = 0; j < static_cast<int64_t>(tensors.size()); ++j) {
+    const int64_t n = tensors[j].numel;
+    total += n;
+    for (int64_t b = 0; b < n; b += kChunk) chunks.push_back({j, b, std::min(n, b + kChunk)});
+  }
+  const int64_t count = static_cast<int64_t>(chunks.size());
+  // Below a few chunks' worth of elements, waking threads costs more than it saves.
+  const int64_t grain = total < 2 * kChunk ? std::max<int64_t>(count, 1) : 1;
+  at::parallel_for(0, count, grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) fn(tensors[chunks[c].tensor], chunks[c].begin, chunks[c].end);
+  });
+}
+
+// Bernoulli draws of a gradient mask (Note [Gradient mask stream]).
+struct KeepDraw {
+  uint64_t seed = 0, offset = 0, threshold = 0;
+
+  // out[k] = 1 or 0: the keep bit of element i0 + k, for k < n.
+  template <typename S>
+  void fill(S* out, int64_t i0, int64_t n) const {
+    uint64_t i = static_cast<uint64_t>(i0);
+    const uint64_t end = i + static_cast<uint64_t>(n);
+    while (i < end) {
+      const philox::Words w = philox::block(seed, offset, i >> 2);
+      for (uint64_t k = i & 3; k < 4 && i < end; ++k, ++i)
+        out[i - static_cast<uint64_t>(i0)] = philox::keep(w.w[k], threshold) ? S(1) : S(0);
+    }
+  }
+};
+
+// Runs body(x, keep) over elements [begin, end): x[k] holds element i of the
+// k-th array as op-math (vector, then scalar for the tail); arrays whose bit is
+// set in `stores` are written back.
+template <typename scalar_t, int N, bool MASK, typename Body>
+inline void elementwise(scalar_t* const* ptr, int64_t begin, int64_t end, unsigned stores,
+                        const KeepDraw& draw, const Body& body) {
+  using Io = VecIo<scalar_t>;
+  using V = typename Io::V;
+  using S = typename Io::S;
+  constexpr int W = Io::W;
+  int64_t i = begin;
+  for (; i + W <= end; i += W) {
+    V x[N];
+    for (int k = 0; k < N; ++k) x[k] = Io::load(ptr[k] + i);
+    V keep(S(1));
+    if constexpr (MASK) {
+      S bits[W];
+      draw.fill(bits, i, W);
+      keep = V::loadu(bits);
+    }
+    body(x, keep);
+    for (int k = 0; k < N; ++k)
+      if (stores >> k & 1u) Io::store(ptr[k] + i, x[k]);
+  }
+  for (; i < end; ++i) {
+    S x[N];
+    for (int k = 0; k < N; ++k) x[k] = static_cast<S>(ptr[k][i]);
+    S keep = S(1);
+    if constexpr (MASK) draw.fill(&keep, i, 1);
+    body(x, keep);
+    for (int k = 0; k < N; ++k)
+      if (stores >> k & 1u) ptr[k][i] = static_cast<scalar_t>(x[k]);
+  }
+}
+
+// The pointers of the first N lists of tensor t, typed.
+template <typename scalar_t, int N>
+inline void typed(const TensorRef& t, scalar_t* (&out)[N]) {
+  for (int k = 0; k < N; ++k) out[k] = static_cast<scalar_t*>(t.ptr[k]);
+}
+
+// Runs an optimizer over a validated call. `rule(t, S{})` is called once per
+// chunk with the tensor and an op-math tag, and returns the element body
+// body(x, keep): x[0] = θ, x[1] = g, x[2..] = state, as op-math values.
+// The gradient is stored back only when it was unscaled (AMP).
+template <int N, bool MASK, typename Call, typename Rule>
+void run_optimizer(const Call& call, const Rule& rule) {
+  const unsigned stores = ((1u << N) - 1u) & ~(call.scaled ? 0u : 2u);
+  FUSEDOPT_DISPATCH_FLOATING(call.dtype, "fusedopt", [&] {
+    using S = typename OpMath<scalar_t>::type;
+    for_each_chunk(call.tensors, [&](const TensorRef& t, int64_t begin, int64_t end) {
+      scalar_t* ptr[N];
+      typed(t, ptr);
+      KeepDraw draw;
+      if constexpr (MASK)
+        draw = {call.common.seed, philox::grad_mask_offset(t.step, t.index), call.common.threshold};
+      elementwise<scalar_t, N, MASK>(ptr, begin, end, stores, draw, rule(t, S{}));
+    });
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace fusedopt

@@ -1,0 +1,36 @@
+#pragma once
+// What a validated optimizer op hands to a device kernel: raw pointers per
+// tensor plus the host-side options. Built only after every check passed.
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "fusedopt/math/common.h"
+
+namespace fusedopt {
+
+// Slots of TensorRef::ptr: the parameter, its gradient, then up to three
+// state buffers in the order the op's schema lists them.
+constexpr int kMaxLists = 5;
+
+struct TensorRef {
+  void* ptr[kMaxLists] = {};
+  int64_t numel = 0;
+  int64_t step = 0;   // 1-based step of this update (CPU); unused on CUDA
+  void* step_ptr = nullptr;  // the `step` tensor's storage (CUDA reads it)
+  int64_t index = 0;  // position in the optimizer's state numbering
+};
+
+template <typename Hyper>
+struct OptimizerCall {
+  std::vector<TensorRef> tensors;
+  int lists = 2;  // params, grads, then the state buffers in use
+  at::ScalarType dtype = at::kFloat;
+  math::Common common;
+  Hyper hyper;
+  float grad_scale = 1;  // CPU: read on the host
+  bool scaled = false;
+};
+
+}  // namespace fusedopt

@@ -1,0 +1,70 @@
+#pragma once
+// Philox4x32-10 (Salmon et al., Random123), host+device, and the Bernoulli
+// keep rule of DESIGN.md §6. One element's keep bit is a pure function of
+// (seed, offset, element index), so every device, thread count, vector width
+// and alignment draws the same mask.
+#include <cstdint>
+
+#include "fusedopt/fo.h"
+
+namespace fusedopt {
+namespace philox {
+
+constexpr uint32_t kMul0 = 0xD2511F53u;
+constexpr uint32_t kMul1 = 0xCD9E8D57u;
+constexpr uint32_t kKeyInc0 = 0x9E3779B9u;
+constexpr uint32_t kKeyInc1 = 0xBB67AE85u;
+
+struct Words {
+  uint32_t w[4];
+};
+
+FUSEDOPT_HD inline Words philox4x32_10(Words c, uint32_t k0, uint32_t k1) {
+  for (int r = 0; r < 10; ++r) {
+    if (r > 0) {
+      k0 += kKeyInc0;
+      k1 += kKeyInc1;
+    }
+    const uint64_t p0 = static_cast<uint64_t>(kMul0) * c.w[0];
+    const uint64_t p1 = static_cast<uint64_t>(kMul1) * c.w[2];
+    const uint32_t hi0 = static_cast<uint32_t>(p0 >> 32), lo0 = static_cast<uint32_t>(p0);
+    const uint32_t hi1 = static_cast<uint32_t>(p1 >> 32), lo1 = static_cast<uint32_t>(p1);
+    c = Words{{hi1 ^ c.w[1] ^ k0, lo1, hi0 ^ c.w[3] ^ k1, lo0}};
+  }
+  return c;
+}
+
+// The four words that cover elements [4g, 4g + 4) of the draw (seed, offset).
+FUSEDOPT_HD inline Words block(uint64_t seed, uint64_t offset, uint64_t g) {
+  return philox4x32_10(
+      Words{{static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32),
+             static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32)}},
+      static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+// Keep iff word < threshold, threshold = min(round(r * 2^32), 2^32), computed
+// on the host as an integer, so P(keep) = threshold / 2^32 exactly.
+inline uint64_t keep_threshold(double keep_prob) {
+  const double t = std::nearbyint(keep_prob * 4294967296.0);
+  return t >= 4294967296.0 ? (uint64_t(1) << 32) : static_cast<uint64_t>(t < 0 ? 0 : t);
+}
+
+FUSEDOPT_HD inline bool keep(uint32_t word, uint64_t threshold) {
+  return static_cast<uint64_t>(word) < threshold;
+}
+
+// Keep bit of element i of the draw (seed, offset).
+FUSEDOPT_HD inline bool keep_element(uint64_t seed, uint64_t offset, uint64_t i, uint64_t threshold) {
+  return keep(block(seed, offset, i >> 2).w[i & 3], threshold);
+}
+
+// Note [Gradient mask stream]
+// Gradient masking in the optimizers draws element i of parameter j at step t
+// (1-based) from the stream offset t * 2^24 + j: masks differ per step and per
+// parameter and never share a Philox counter with each other.
+FUSEDOPT_HD inline uint64_t grad_mask_offset(int64_t step, int64_t index) {
+  return (static_cast<uint64_t>(step) << 24) + static_cast<uint64_t>(index);
+}
+
+}  // namespace philox
+}  // namespace fusedopt

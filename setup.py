@@ -1,0 +1,116 @@
+"""Builds fusedopt._C: the CPU kernels (once per ISA) and, where a CUDA build of
+torch and a CUDA toolkit exist, the CUDA kernels. See DESIGN.md §2."""
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+ROOT = Path(__file__).parent.resolve()
+CSRC = ROOT / "csrc"
+
+# Note [Per-ISA CPU kernels]
+# at::vec::Vectorized is AVX2/AVX512 code only in a translation unit compiled
+# with that ISA's flags and CPU_CAPABILITY macros; without them it silently
+# falls back to generic code. csrc/cpu/kernels/*.cpp are therefore compiled
+# three times, each into its own namespace, and csrc/cpu/ops.cpp picks one at
+# run time. setuptools cannot give one source three flag sets, so these objects
+# are built by a small ninja file and linked in as extra objects.
+ISAS = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+}
+CXX_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off", "-fno-fast-math"]
+if os.environ.get("FUSEDOPT_SANITIZE") == "1":
+    CXX_FLAGS += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
+
+
+def want_cuda():
+    forced = os.environ.get("FUSEDOPT_CUDA")
+    if forced is not None:
+        return forced == "1"
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def isa_objects(build_dir: Path):
+    build_dir.mkdir(parents=True, exist_ok=True)
+    includes = [CSRC / "include", CSRC / "cpu"] + [Path(p) for p in cpp_extension.include_paths()]
+    includes.append(Path(sysconfig.get_paths()["include"]))
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    common = " ".join(CXX_FLAGS + ["-fPIC", abi] + [f"-I{p}" for p in includes])
+    lines = [
+        f"cxx = {os.environ.get('CXX', 'c++')}",
+        f"flags = {common}",
+        "rule cc",
+        "  command = $cxx -MMD -MF $out.d $flags $isa -c $in -o $out",
+        "  depfile = $out.d",
+        "  deps = gcc",
+        "  description = CXX $out",
+    ]
+    objects = []
+    for src in sorted((CSRC / "cpu" / "kernels").glob("*.cpp")):
+        for isa, flags in ISAS.items():
+            obj = build_dir / f"{src.stem}.{isa}.o"
+            defs = f"-DCPU_CAPABILITY={isa} -DCPU_CAPABILITY_{isa}"
+            lines += [f"build {obj}: cc {src}", f"  isa = {' '.join(flags)} {defs}"]
+            objects.append(str(obj))
+    (build_dir / "build.ninja").write_text("\n".join(lines) + "\n")
+    jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
+    subprocess.check_call(["ninja", "-C", str(build_dir), "-j", jobs])
+    return objects
+
+
+class Build(cpp_extension.BuildExtension):
+    def build_extensions(self):
+        objects = isa_objects((Path(self.build_temp) / "isa").resolve())
+        for ext in self.extensions:
+            ext.extra_objects = list(ext.extra_objects or []) + objects
+        super().build_extensions()
+
+
+def write_build_info(cuda: bool):
+    info = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if cuda else None,
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+    }
+    (ROOT / "fusedopt" / "_build_info.py").write_text(
+        '"""Written by setup.py: what this build of fusedopt._C was compiled against."""\n'
+        f"BUILD = {info!r}\n"
+    )
+
+
+def extension():
+    cuda = want_cuda()
+    write_build_info(cuda)
+    sources = ["csrc/registration.cpp", "csrc/cpu/ops.cpp"]
+    include_dirs = [str(CSRC / "include"), str(CSRC / "cpu")]
+    cxx = CXX_FLAGS + ["-DFUSEDOPT_CPU_ONLY"] * (not cuda)
+    extra_link = ["-fsanitize=address,undefined"] if "-g" in CXX_FLAGS else []
+    if not cuda:
+        return cpp_extension.CppExtension(
+            "fusedopt._C", sources, include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx}, extra_link_args=extra_link)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    sources += [str(p.relative_to(ROOT)) for p in sorted((CSRC / "cuda").glob("*.cu"))]
+    nvcc = ["-O3", "-std=c++20", "--fmad=false", "-prec-div=true", "-prec-sqrt=true",
+            "--expt-relaxed-constexpr", "-lineinfo"]
+    return cpp_extension.CUDAExtension(
+        "fusedopt._C", sources, include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=extra_link)
+
+
+setup(
+    name="fusedopt",
+    version="0.1.0",
+    packages=find_packages(include=["fusedopt", "fusedopt.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": Build.with_options(use_ninja=True)},
+    entry_points={"console_scripts": ["fusedopt-bench=fusedopt.bench:main"]},
+    python_requires=">=3.10",
+)
