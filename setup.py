@@ -25,7 +25,9 @@ ISAS = {
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
 }
-CXX_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off", "-fno-fast-math"]
+# -fopenmp: at::parallel_for is an inline OpenMP region; without the flag it
+# silently runs on one thread.
+CXX_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off", "-fno-fast-math", "-fopenmp"]
 if os.environ.get("FUSEDOPT_SANITIZE") == "1":
     CXX_FLAGS += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
 
@@ -88,10 +90,10 @@ def write_build_info(cuda: bool):
 def extension():
     cuda = want_cuda()
     write_build_info(cuda)
-    sources = ["csrc/registration.cpp", "csrc/cpu/ops.cpp"]
+    sources = ["csrc/registration.cpp", "csrc/cpu/ops.cpp", "csrc/cpu/gridemu.cpp"]
     include_dirs = [str(CSRC / "include"), str(CSRC / "cpu")]
     cxx = CXX_FLAGS + ["-DFUSEDOPT_CPU_ONLY"] * (not cuda)
-    extra_link = ["-fsanitize=address,undefined"] if "-g" in CXX_FLAGS else []
+    extra_link = ["-fopenmp"] + (["-fsanitize=address,undefined"] if "-g" in CXX_FLAGS else [])
     if not cuda:
         return cpp_extension.CppExtension(
             "fusedopt._C", sources, include_dirs=include_dirs,

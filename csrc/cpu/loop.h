@@ -10,6 +10,7 @@
 #include "fusedopt/dispatch.h"
 #include "fusedopt/launch.h"
 #include "fusedopt/philox.h"
+#include "philox_vec.h"
 #include "vec.h"
 
 namespace fusedopt {
@@ -48,17 +49,15 @@ void for_each_chunk(const std::vector<TensorRef>& tensors, const F& fn) {
 struct KeepDraw {
   uint64_t seed = 0, offset = 0, threshold = 0;
 
-  // out[k] = 1 or 0: the keep bit of element i0 + k, for k < n.
+  // out[k] = 1 or 0: the keep bit of element i0 + k, for k < n. Drawn by the
+  // vector Philox a 64-element group at a time (philox_vec.h); the element
+  // loop asks for one vector at a time, so the last groups are cached.
   template <typename S>
   void fill(S* out, int64_t i0, int64_t n) const {
-    uint64_t i = static_cast<uint64_t>(i0);
-    const uint64_t end = i + static_cast<uint64_t>(n);
-    while (i < end) {
-      const philox::Words w = philox::block(seed, offset, i >> 2);
-      for (uint64_t k = i & 3; k < 4 && i < end; ++k, ++i)
-        out[i - static_cast<uint64_t>(i0)] = philox::keep(w.w[k], threshold) ? S(1) : S(0);
-    }
+    cache.fill(Draw{seed, offset, threshold}, out, i0, n);
   }
+
+  mutable KeepCache cache;
 };
 
 // Runs body(x, keep) over elements [begin, end): x[k] holds element i of the
@@ -66,7 +65,10 @@ struct KeepDraw {
 // set in `stores` are written back.
 template <typename scalar_t, int N, bool MASK, typename Body>
 inline void elementwise(scalar_t* const* ptr, int64_t begin, int64_t end, unsigned stores,
-                        const KeepDraw& draw, const Body& body) {
+                        const KeepDraw& draw, const Body& rule_body) {
+  // A local copy whose address never escapes: its constants can live in
+  // registers (stores through scalar_t* could alias the caller's copy).
+  const Body body = rule_body;
   using Io = VecIo<scalar_t>;
   using V = typename Io::V;
   using S = typename Io::S;

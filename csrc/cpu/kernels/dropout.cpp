@@ -1,0 +1,169 @@
+// The CPU dropout kernels (DESIGN.md §6, §7): one pass, the mask drawn by the
+// vector Philox 64 elements at a time (philox_vec.h), the element rules of
+// math/dropout.h on op-math vectors, scalar tails. Every element's result is
+// a pure function of its index, so nothing depends on the thread count.
+#include "../vec.h"  // first: Note [Rule bodies]
+#include "../loop.h"
+#include "../philox_vec.h"
+#include "fusedopt/math/dropout.h"
+#include "kernels.h"
+
+namespace fusedopt::cpu::CPU_CAPABILITY {
+namespace {
+
+// 64-element groups per parallel task: kChunk elements.
+constexpr int64_t kGroupsPerTask = kChunk / 64;
+
+Draw draw_of(const DropoutCall& c) { return {c.seed, c.offset, c.threshold}; }
+
+// Runs fn(q, bits) for every 64-element group q of [0, n) in parallel, with
+// the group's keep bits.
+template <typename F>
+void for_each_group(const DropoutCall& c, const F& fn) {
+  const Draw d = draw_of(c);
+  at::parallel_for(0, (c.n + 63) / 64, kGroupsPerTask, [&](int64_t lo, int64_t hi) {
+    for (int64_t q = lo; q < hi; ++q) fn(q, keep_bits64(d, static_cast<uint64_t>(q)));
+  });
+}
+
+template <typename scalar_t>
+void dropout_typed(const DropoutCall& c) {
+  using Io = VecIo<scalar_t>;
+  using S = typename Io::S;
+  constexpr int W = Io::W;
+  const S scale = static_cast<S>(c.scale);
+  const auto* x = static_cast<const scalar_t*>(c.x);
+  auto* y = static_cast<scalar_t*>(c.y);
+  for_each_group(c, [&](int64_t q, uint64_t bits) {
+    const int64_t i0 = 64 * q;
+    if (i0 + 64 <= c.n) {
+      for (int k = 0; k < 64; k += W)
+        Io::store(y + i0 + k, math::dropout(Io::load(x + i0 + k), keep_select<S>(bits >> k, scale)));
+    } else {
+      for (int64_t i = i0; i < c.n; ++i)
+        y[i] = static_cast<scalar_t>(math::dropout(static_cast<S>(x[i]), (bits >> (i - i0) & 1) ? scale : S(0)));
+    }
+  });
+}
+
+template <typename scalar_t>
+void bias_dropout_add_typed(const DropoutCall& c) {
+  using Io = VecIo<scalar_t>;
+  using V = typename Io::V;
+  using S = typename Io::S;
+  constexpr int W = Io::W;
+  const S scale = static_cast<S>(c.scale);
+  const auto* x = static_cast<const scalar_t*>(c.x);
+  const auto* bias = static_cast<const scalar_t*>(c.bias);
+  const auto* res = static_cast<const scalar_t*>(c.residual);
+  auto* y = static_cast<scalar_t*>(c.y);
+  const int64_t h = c.h;
+  for_each_group(c, [&](int64_t q, uint64_t bits) {
+    const int64_t i0 = 64 * q;
+    int64_t col = i0 % h;
+    if (i0 + 64 <= c.n) {
+      for (int k = 0; k < 64; k += W) {
+        V b;
+        if (col + W <= h) {
+          b = Io::load(bias + col);
+        } else {  // the vector wraps around a row end
+          S lanes[W];
+          for (int j = 0, cj = static_cast<int>(col); j < W; ++j, cj = cj + 1 == h ? 0 : cj + 1)
+            lanes[j] = static_cast<S>(bias[cj]);
+          b = V::loadu(lanes);
+        }
+        const int64_t i = i0 + k;
+        Io::store(y + i, math::bias_dropout_add(Io::load(x + i), b, Io::load(res + i),
+                                                keep_select<S>(bits >> k, scale)));
+        for (col += W; col >= h;) col -= h;
+      }
+    } else {
+      for (int64_t i = i0; i < c.n; ++i) {
+        y[i] = static_cast<scalar_t>(math::bias_dropout_add(static_cast<S>(x[i]), static_cast<S>(bias[col]),
+                                                            static_cast<S>(res[i]),
+                                                            (bits >> (i - i0) & 1) ? scale : S(0)));
+        if (++col == h) col = 0;
+      }
+    }
+  });
+}
+
+// dx = dropout(dy) and the partial sums of Note [dbias row blocks]; `partial`
+// arrives zeroed. Tasks are (row block, column chunk); a task walks its rows
+// in order and adds each row's dx into the block's partial row, so every
+// column sums its rows in the order the CUDA body does.
+template <typename scalar_t>
+void bias_dropout_add_backward_typed(const DropoutCall& c) {
+  using Io = VecIo<scalar_t>;
+  using V = typename Io::V;
+  using S = typename Io::S;
+  constexpr int W = Io::W;
+  constexpr int64_t kCols = 2048;
+  const S scale = static_cast<S>(c.scale);
+  const auto* dy = static_cast<const scalar_t*>(c.x);
+  auto* dx = static_cast<scalar_t*>(c.y);
+  auto* partial = static_cast<S*>(c.partial);
+  const int64_t h = c.h;
+  const int64_t rows = c.n / h;
+  const auto rb = dropout::row_blocks(rows);
+  const int64_t col_chunks = (h + kCols - 1) / kCols;
+  const Draw d = draw_of(c);
+  const int64_t grain = std::max<int64_t>(1, kChunk / (rb.per_block * std::min(h, kCols)));
+  at::parallel_for(0, rb.count * col_chunks, grain, [&](int64_t lo, int64_t hi) {
+    KeepCache cache;
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t b = task / col_chunks;
+      const int64_t c_lo = (task % col_chunks) * kCols, c_hi = std::min(h, c_lo + kCols);
+      S* acc = partial + b * h;
+      const int64_t r_end = std::min(rows, (b + 1) * rb.per_block);
+      for (int64_t r = b * rb.per_block; r < r_end; ++r) {
+        int64_t col = c_lo;
+        for (; col + W <= c_hi; col += W) {
+          const int64_t i = r * h + col;
+          const V m = keep_select<S>(cache.bits(d, static_cast<uint64_t>(i), W), scale);
+          const V v = math::dropout(Io::load(dy + i), m);
+          Io::store(dx + i, v);
+          (V::loadu(acc + col) + v).store(acc + col);
+        }
+        for (; col < c_hi; ++col) {
+          const int64_t i = r * h + col;
+          const S v = math::dropout(static_cast<S>(dy[i]), cache.bits(d, static_cast<uint64_t>(i), 1) ? scale : S(0));
+          dx[i] = static_cast<scalar_t>(v);
+          acc[col] = acc[col] + v;
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void dropout(const DropoutCall& c) {
+  FUSEDOPT_DISPATCH_FLOATING(c.dtype, "dropout", [&] { dropout_typed<scalar_t>(c); });
+}
+
+void bias_dropout_add(const DropoutCall& c) {
+  FUSEDOPT_DISPATCH_FLOATING(c.dtype, "bias_dropout_add", [&] { bias_dropout_add_typed<scalar_t>(c); });
+}
+
+void bias_dropout_add_backward(const DropoutCall& c) {
+  FUSEDOPT_DISPATCH_FLOATING(c.dtype, "bias_dropout_add_backward",
+                             [&] { bias_dropout_add_backward_typed<scalar_t>(c); });
+}
+
+// Bit k of byte j = keep of element 8j + k: each group's 64 bits are its 8
+// bytes, little-endian.
+void keep_bits(const DropoutCall& c, uint8_t* out) {
+  const int64_t bytes = (c.n + 7) / 8;
+  for_each_group(c, [&](int64_t q, uint64_t bits) {
+    const int64_t b0 = 8 * q;
+    if (64 * q + 64 > c.n) bits &= (uint64_t(1) << (c.n - 64 * q)) - 1;  // no bits past the end
+    for (int64_t j = b0; j < std::min(bytes, b0 + 8); ++j) out[j] = static_cast<uint8_t>(bits >> (8 * (j - b0)));
+  });
+}
+
+void philox_words(const uint32_t* counters, uint32_t* out, int64_t n, uint64_t seed) {
+  philox_counters(counters, out, n, seed);
+}
+
+}  // namespace fusedopt::cpu::CPU_CAPABILITY

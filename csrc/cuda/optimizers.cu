@@ -1,0 +1,170 @@
+// CUDA implementations of the optimizer ops and stream_: validate (the same
+// code as the CPU ops, fusedopt/calls.h), plan the launches and run the
+// per-chunk bodies of fusedopt/mta.h, on the current stream of the params'
+// device. Only the __global__ shells and the launches live here; everything a
+// kernel computes is host+device code that tests/test_gridemu.py runs on the
+// CPU (Note [Launch plan], Note [Chunk body]).
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "fusedopt/calls.h"
+#include "fusedopt/mta.h"
+
+#if !defined(CUDART_VERSION) || CUDART_VERSION < 12010
+#error "fusedopt's CUDA kernels need CUDA 12.1 or newer: their launch tables use 32 KB kernel arguments (Note [Kernel arguments] in fusedopt/mta.h)"
+#endif
+
+namespace fusedopt::cuda {
+namespace {
+
+constexpr size_t kMaxArgBytes = 32764;  // CUDA 12.1+, sm_70+
+
+// One block per chunk of the launch plan; the arguments stay in the constant
+// bank (__grid_constant__: a block's run-time slot index reads them in place).
+template <typename Body>
+__global__ void __launch_bounds__(mta::kThreads) update_kernel(const __grid_constant__ typename Body::Args args) {
+  Body::run(args, blockIdx.x, threadIdx.x, blockDim.x);
+}
+
+__global__ void __launch_bounds__(mta::kStepThreads) step_kernel(const __grid_constant__ mta::StepArgs args) {
+  mta::step_chunk(args, blockIdx.x, threadIdx.x, blockDim.x);
+}
+
+const float* scalar_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<float>() : nullptr;
+}
+
+template <typename Hyper>
+void run(const OptimizerCall<Hyper>& call, const at::Tensor& first, at::TensorList steps,
+         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  if (call.tensors.empty()) return;
+  const c10::cuda::CUDAGuard guard(first.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(first.device().index());
+  const float* scale = scalar_ptr(grad_scale);
+  const float* inf = scalar_ptr(found_inf);
+  mta::with_body(call, [&](auto body) {
+    using Body = decltype(body);
+    static_assert(sizeof(typename Body::Args) <= kMaxArgBytes, "launch table exceeds the kernel argument space");
+    mta::for_each_launch<Body>(call, steps, scale, inf, mta::cuda_limits<Body::N>(),
+                               [&](const typename Body::Args& args) {
+                                 update_kernel<Body><<<args.tab.blocks, mta::kThreads, 0, stream>>>(args);
+                                 C10_CUDA_KERNEL_LAUNCH_CHECK();
+                               });
+  });
+  static_assert(sizeof(mta::StepArgs) <= kMaxArgBytes, "step table exceeds the kernel argument space");
+  mta::for_each_step_launch(steps, inf, mta::StepTable::K, mta::kStepThreads,
+                            [&](const mta::StepArgs& args, int64_t blocks) {
+                              step_kernel<<<blocks, mta::kStepThreads, 0, stream>>>(args);
+                              C10_CUDA_KERNEL_LAUNCH_CHECK();
+                            });
+}
+
+void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, at::TensorList steps,
+          at::IntArrayRef indices, double lr, double momentum, double dampening, bool nesterov, bool ema_momentum,
+          double weight_decay, double l1_decay, bool decoupled, bool maximize, double grad_keep_prob,
+          int64_t grad_mask_seed, const std::optional<at::Tensor>& grad_scale,
+          const std::optional<at::Tensor>& found_inf) {
+  check_one_device("sgd_", {{"params", params}, {"grads", grads}, {"momentum_buffers", momentum_buffers},
+                            {"steps", steps}}, grad_scale, found_inf);
+  const auto call = sgd_call(params, grads, momentum_buffers, steps, indices, lr, momentum, dampening, nesterov,
+                             ema_momentum, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob,
+                             grad_mask_seed, grad_scale, found_inf, c10::DeviceType::CUDA);
+  if (!params.empty()) run(call, params[0], steps, grad_scale, found_inf);
+}
+
+void adagrad_(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList steps,
+              at::IntArrayRef indices, double lr, double lr_decay, double eps, double weight_decay,
+              double l1_decay, bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed,
+              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  check_one_device("adagrad_", {{"params", params}, {"grads", grads}, {"state_sums", state_sums},
+                                {"steps", steps}}, grad_scale, found_inf);
+  const auto call = adagrad_call(params, grads, state_sums, steps, indices, lr, lr_decay, eps, weight_decay,
+                                 l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed, grad_scale,
+                                 found_inf, c10::DeviceType::CUDA);
+  if (!params.empty()) run(call, params[0], steps, grad_scale, found_inf);
+}
+
+void rmsprop_(at::TensorList params, at::TensorList grads, at::TensorList square_avgs, at::TensorList grad_avgs,
+              at::TensorList momentum_buffers, at::TensorList steps, at::IntArrayRef indices, double lr,
+              double alpha, double eps, double momentum, bool centered, double weight_decay, double l1_decay,
+              bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed,
+              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  check_one_device("rmsprop_", {{"params", params}, {"grads", grads}, {"square_avgs", square_avgs},
+                                {"grad_avgs", grad_avgs}, {"momentum_buffers", momentum_buffers},
+                                {"steps", steps}}, grad_scale, found_inf);
+  const auto call = rmsprop_call(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, indices, lr,
+                                 alpha, eps, momentum, centered, weight_decay, l1_decay, decoupled, maximize,
+                                 grad_keep_prob, grad_mask_seed, grad_scale, found_inf, c10::DeviceType::CUDA);
+  if (!params.empty()) run(call, params[0], steps, grad_scale, found_inf);
+}
+
+void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+           at::TensorList max_exp_avg_sqs, at::TensorList steps, at::IntArrayRef indices, double lr, double beta1,
+           double beta2, double eps, bool amsgrad, bool eps_inside_sqrt, double weight_decay, double l1_decay,
+           bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed,
+           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  check_one_device("adam_", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
+                             {"exp_avg_sqs", exp_avg_sqs}, {"max_exp_avg_sqs", max_exp_avg_sqs},
+                             {"steps", steps}}, grad_scale, found_inf);
+  const auto call = adam_call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, indices, lr, beta1,
+                              beta2, eps, amsgrad, eps_inside_sqrt, weight_decay, l1_decay, decoupled, maximize,
+                              grad_keep_prob, grad_mask_seed, grad_scale, found_inf, c10::DeviceType::CUDA);
+  if (!params.empty()) run(call, params[0], steps, grad_scale, found_inf);
+}
+
+// a += s·b, 4 elements (one 16-byte access per array) per thread when both are
+// 16-byte aligned, else one; the first threads also take the < 4-element tail.
+constexpr int kStreamThreads = 256;
+
+__global__ void __launch_bounds__(kStreamThreads) stream_kernel(float* a, const float* b, float s, int64_t n,
+                                                                 bool vec) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (!vec) {
+    if (i < n) a[i] = fo::fma(s, b[i], a[i]);
+    return;
+  }
+  const int64_t n4 = n / 4;
+  if (i < n4) {
+    float4 x = reinterpret_cast<const float4*>(a)[i];
+    const float4 y = reinterpret_cast<const float4*>(b)[i];
+    x.x = fo::fma(s, y.x, x.x);
+    x.y = fo::fma(s, y.y, x.y);
+    x.z = fo::fma(s, y.z, x.z);
+    x.w = fo::fma(s, y.w, x.w);
+    reinterpret_cast<float4*>(a)[i] = x;
+  }
+  if (i < n - 4 * n4) a[4 * n4 + i] = fo::fma(s, b[4 * n4 + i], a[4 * n4 + i]);
+}
+
+void stream_(const at::Tensor& a, const at::Tensor& b, double s) {
+  TORCH_CHECK(a.is_cuda() && b.device() == a.device(), "stream_: expected two tensors on one CUDA device, got ",
+              a.device(), " and ", b.device());
+  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat, "stream_: expected float32");
+  TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && a.numel() == b.numel(),
+              "stream_: expected contiguous tensors of equal size");
+  const int64_t n = a.numel();
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(a.device());
+  const bool vec = reinterpret_cast<uintptr_t>(a.data_ptr()) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(b.data_ptr()) % 16 == 0;
+  const int64_t threads = vec ? std::max<int64_t>(n / 4, n % 4) : n;
+  const int64_t blocks = (threads + kStreamThreads - 1) / kStreamThreads;
+  TORCH_CHECK(blocks < (int64_t(1) << 31), "stream_: ", n, " elements are too many for one launch");
+  stream_kernel<<<blocks, kStreamThreads, 0, c10::cuda::getCurrentCUDAStream(a.device().index())>>>(
+      a.data_ptr<float>(), b.data_ptr<float>(), static_cast<float>(s), n, vec);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedopt, CUDA, m) {
+  m.impl("sgd_", &sgd_);
+  m.impl("adagrad_", &adagrad_);
+  m.impl("rmsprop_", &rmsprop_);
+  m.impl("adam_", &adam_);
+  m.impl("stream_", &stream_);
+}
+
+}  // namespace fusedopt::cuda

@@ -1,0 +1,120 @@
+#pragma once
+// The front half of every optimizer op, for any device: validate the options
+// and the lists, and return the call a kernel runs. Used by the CUDA ops and by
+// their host emulation (csrc/cpu/gridemu.cpp), so both reject exactly the same
+// inputs with the same messages as the CPU ops (csrc/cpu/ops.cpp).
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <optional>
+
+#include "fusedopt/checks.h"
+#include "fusedopt/math/adagrad.h"
+#include "fusedopt/math/adam.h"
+#include "fusedopt/math/rmsprop.h"
+#include "fusedopt/math/sgd.h"
+
+namespace fusedopt {
+
+// Every tensor of a call on one device, named in the message; runs first, so a
+// CPU gradient in a CUDA call reads as what it is (the dispatcher picks the
+// CUDA kernel as soon as one argument is a CUDA tensor).
+inline void check_one_device(const char* op, std::initializer_list<std::pair<const char*, at::TensorList>> lists,
+                             const std::optional<at::Tensor>& grad_scale,
+                             const std::optional<at::Tensor>& found_inf) {
+  std::optional<at::Device> device;
+  const char* first = nullptr;
+  auto see = [&](const at::Tensor& t, const char* name, size_t j) {
+    if (!t.defined()) return;
+    if (!device) {
+      device = t.device();
+      first = name;
+      return;
+    }
+    TORCH_CHECK(t.device() == *device, op, ": ", name, "[", j, "] is on ", t.device(), " but ", first,
+                " is on ", *device, "; all tensors of one call must share one device");
+  };
+  for (const auto& [name, list] : lists)
+    for (size_t j = 0; j < list.size(); ++j) see(list[j], name, j);
+  if (grad_scale) see(*grad_scale, "grad_scale", 0);
+  if (found_inf) see(*found_inf, "found_inf", 0);
+}
+
+inline OptimizerCall<math::SgdHyper> sgd_call(
+    at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, at::TensorList steps,
+    at::IntArrayRef indices, double lr, double momentum, double dampening, bool nesterov, bool ema_momentum,
+    double weight_decay, double l1_decay, bool decoupled, bool maximize, double grad_keep_prob,
+    int64_t grad_mask_seed, const std::optional<at::Tensor>& grad_scale,
+    const std::optional<at::Tensor>& found_inf, c10::DeviceType device_type) {
+  OptimizerCall<math::SgdHyper> call;
+  call.common = make_common(lr, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed);
+  check_hyper(std::isfinite(momentum) && momentum >= 0, "momentum", momentum);
+  check_hyper(std::isfinite(dampening), "dampening", dampening);
+  TORCH_CHECK(!nesterov || (momentum > 0 && dampening == 0),
+              "fusedopt: nesterov momentum requires a momentum and zero dampening");
+  TORCH_CHECK(!ema_momentum || dampening == 0, "fusedopt: ema_momentum requires dampening=0");
+  TORCH_CHECK(!(nesterov && ema_momentum), "fusedopt: nesterov and ema_momentum are exclusive");
+  call.hyper = {momentum, dampening, nesterov, ema_momentum};
+  call.tensors = gather("sgd_", params, grads, {{"momentum_buffers", momentum_buffers, momentum != 0}}, steps,
+                        indices, grad_scale, found_inf, device_type, call.lists, call.dtype);
+  return call;
+}
+
+inline OptimizerCall<math::AdagradHyper> adagrad_call(
+    at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList steps,
+    at::IntArrayRef indices, double lr, double lr_decay, double eps, double weight_decay, double l1_decay,
+    bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed,
+    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+    c10::DeviceType device_type) {
+  OptimizerCall<math::AdagradHyper> call;
+  call.common = make_common(lr, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed);
+  check_hyper(std::isfinite(lr_decay) && lr_decay >= 0, "lr_decay", lr_decay);
+  check_hyper(std::isfinite(eps) && eps >= 0, "eps", eps);
+  call.hyper = {lr_decay, eps};
+  call.tensors = gather("adagrad_", params, grads, {{"state_sums", state_sums, true}}, steps, indices,
+                        grad_scale, found_inf, device_type, call.lists, call.dtype);
+  return call;
+}
+
+inline OptimizerCall<math::RmspropHyper> rmsprop_call(
+    at::TensorList params, at::TensorList grads, at::TensorList square_avgs, at::TensorList grad_avgs,
+    at::TensorList momentum_buffers, at::TensorList steps, at::IntArrayRef indices, double lr, double alpha,
+    double eps, double momentum, bool centered, double weight_decay, double l1_decay, bool decoupled,
+    bool maximize, double grad_keep_prob, int64_t grad_mask_seed, const std::optional<at::Tensor>& grad_scale,
+    const std::optional<at::Tensor>& found_inf, c10::DeviceType device_type) {
+  OptimizerCall<math::RmspropHyper> call;
+  call.common = make_common(lr, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed);
+  check_hyper(std::isfinite(alpha) && alpha >= 0, "alpha", alpha);
+  check_hyper(std::isfinite(eps) && eps >= 0, "eps", eps);
+  check_hyper(std::isfinite(momentum) && momentum >= 0, "momentum", momentum);
+  call.hyper = {alpha, eps, momentum, centered};
+  call.tensors = gather("rmsprop_", params, grads,
+                        {{"square_avgs", square_avgs, true},
+                         {"grad_avgs", grad_avgs, centered},
+                         {"momentum_buffers", momentum_buffers, momentum > 0}},
+                        steps, indices, grad_scale, found_inf, device_type, call.lists, call.dtype);
+  return call;
+}
+
+inline OptimizerCall<math::AdamHyper> adam_call(
+    at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+    at::TensorList max_exp_avg_sqs, at::TensorList steps, at::IntArrayRef indices, double lr, double beta1,
+    double beta2, double eps, bool amsgrad, bool eps_inside_sqrt, double weight_decay, double l1_decay,
+    bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed,
+    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+    c10::DeviceType device_type) {
+  OptimizerCall<math::AdamHyper> call;
+  call.common = make_common(lr, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed);
+  check_hyper(beta1 >= 0 && beta1 < 1, "beta1", beta1);
+  check_hyper(beta2 >= 0 && beta2 < 1, "beta2", beta2);
+  check_hyper(std::isfinite(eps) && eps >= 0, "eps", eps);
+  call.hyper = {beta1, beta2, eps, amsgrad, eps_inside_sqrt};
+  call.tensors = gather("adam_", params, grads,
+                        {{"exp_avgs", exp_avgs, true},
+                         {"exp_avg_sqs", exp_avg_sqs, true},
+                         {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}},
+                        steps, indices, grad_scale, found_inf, device_type, call.lists, call.dtype);
+  return call;
+}
+
+}  // namespace fusedopt

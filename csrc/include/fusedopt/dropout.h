@@ -1,0 +1,177 @@
+#pragma once
+// The dropout ops (DESIGN.md §6) up to the kernel launch, shared by the CPU
+// ops, the CUDA ops and the grid-emulation ops: validation, output
+// allocation and the validated call. Each device supplies a runner with
+//   dropout(call)                    y = dropout(x)          (also dx = dropout(dy))
+//   bias_dropout_add(call)           y = residual + dropout(x + bias)
+//   bias_dropout_add_backward(call, dbias)   dx = dropout(dy), the partial sums, dbias
+//   keep_bits(call, out)             packed keep bits
+// called only after every check passed and only for non-empty inputs.
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+#include "fusedopt/dropout_body.h"
+#include "fusedopt/philox.h"
+
+namespace fusedopt {
+
+// A validated call: the draw and untyped pointers to contiguous storage.
+struct DropoutCall {
+  uint64_t seed = 0, offset = 0, threshold = 0;
+  double scale = 0;  // Note [Dropout formula]
+  at::ScalarType dtype = at::kFloat;
+  int64_t n = 0;  // elements, in row-major logical order
+  int64_t h = 1;  // row length = bias length (bias_dropout_add and its backward)
+  bool row_wise = false;  // h matters (bias_dropout_add and its backward)
+  const void* x = nullptr;  // x, or dy for the backward ops
+  const void* bias = nullptr;
+  const void* residual = nullptr;
+  void* y = nullptr;  // y, or dx
+  void* partial = nullptr;  // op-math [row blocks][h] (Note [dbias row blocks])
+};
+
+// Keep probability r = 1 − p; the threshold and scale of Note [Dropout formula].
+inline DropoutCall make_dropout_call(const char* op, double p, int64_t seed, int64_t offset) {
+  TORCH_CHECK(p >= 0 && p <= 1, op, ": dropout probability has to be between 0 and 1, but got ", p);
+  DropoutCall c;
+  c.seed = static_cast<uint64_t>(seed);
+  c.offset = static_cast<uint64_t>(offset);
+  c.threshold = philox::keep_threshold(1.0 - p);
+  c.scale = p < 1 ? 1.0 / (1.0 - p) : 0.0;
+  return c;
+}
+
+// A floating, strided tensor on `device`, made contiguous: the mask indexes
+// the row-major logical index, whatever the strides.
+inline at::Tensor dropout_input(const char* op, const char* name, const at::Tensor& t, c10::DeviceType device) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be dense (strided), got ", t.layout());
+  TORCH_CHECK(t.device().type() == device, op, ": expected ", name, " on ", device, ", got ", t.device());
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op, ": ", name,
+              " must be float32, float64, float16 or bfloat16, got ", dt);
+  return t.contiguous();
+}
+
+template <typename Run>
+at::Tensor dropout_op(const char* op, c10::DeviceType device, const Run& run, const at::Tensor& x, double p,
+                      int64_t seed, int64_t offset) {
+  DropoutCall c = make_dropout_call(op, p, seed, offset);
+  const at::Tensor xc = dropout_input(op, "input", x, device);
+  at::Tensor y = at::empty(xc.sizes(), xc.options());
+  c.dtype = xc.scalar_type();
+  c.n = xc.numel();
+  c.x = xc.data_ptr();
+  c.y = y.data_ptr();
+  if (c.n > 0) run.dropout(c);
+  return y;
+}
+
+template <typename Run>
+at::Tensor bias_dropout_add_op(const char* op, c10::DeviceType device, const Run& run, const at::Tensor& x,
+                               const at::Tensor& bias, const at::Tensor& residual, double p, int64_t seed,
+                               int64_t offset) {
+  DropoutCall c = make_dropout_call(op, p, seed, offset);
+  const at::Tensor xc = dropout_input(op, "input", x, device);
+  const at::Tensor bc = dropout_input(op, "bias", bias, device);
+  const at::Tensor rc = dropout_input(op, "residual", residual, device);
+  TORCH_CHECK(xc.dim() >= 1, op, ": input must have at least one dimension");
+  TORCH_CHECK(bc.dim() == 1 && bc.size(0) == xc.size(-1), op, ": bias must have shape [", xc.size(-1),
+              "] (the input's last dimension), got ", bc.sizes());
+  TORCH_CHECK(rc.sizes() == xc.sizes(), op, ": residual must have the input's shape ", xc.sizes(), ", got ",
+              rc.sizes());
+  TORCH_CHECK(bc.scalar_type() == xc.scalar_type() && rc.scalar_type() == xc.scalar_type(), op,
+              ": input, bias and residual must share a dtype, got ", xc.scalar_type(), ", ", bc.scalar_type(),
+              " and ", rc.scalar_type());
+  TORCH_CHECK(bc.device() == xc.device() && rc.device() == xc.device(), op,
+              ": input, bias and residual must be on one device, got ", xc.device(), ", ", bc.device(), " and ",
+              rc.device());
+  at::Tensor y = at::empty(xc.sizes(), xc.options());
+  c.dtype = xc.scalar_type();
+  c.n = xc.numel();
+  c.h = xc.size(-1);
+  c.row_wise = true;
+  c.x = xc.data_ptr();
+  c.bias = bc.data_ptr();
+  c.residual = rc.data_ptr();
+  c.y = y.data_ptr();
+  if (c.n > 0) run.bias_dropout_add(c);
+  return y;
+}
+
+// (dx, dbias): dx = dropout(dy), dbias = dx summed over every dimension but
+// the last, in the fixed order of Note [dbias row blocks].
+template <typename Run>
+std::tuple<at::Tensor, at::Tensor> bias_dropout_add_backward_op(const char* op, c10::DeviceType device,
+                                                                const Run& run, const at::Tensor& grad,
+                                                                double p, int64_t seed, int64_t offset) {
+  DropoutCall c = make_dropout_call(op, p, seed, offset);
+  const at::Tensor gc = dropout_input(op, "grad", grad, device);
+  TORCH_CHECK(gc.dim() >= 1, op, ": grad must have at least one dimension");
+  at::Tensor dx = at::empty(gc.sizes(), gc.options());
+  at::Tensor dbias = at::empty({gc.size(-1)}, gc.options());
+  c.dtype = gc.scalar_type();
+  c.n = gc.numel();
+  c.h = gc.size(-1);
+  c.row_wise = true;
+  if (c.h == 0) return {dx, dbias};
+  if (c.n == 0) return {dx, dbias.zero_()};
+  const auto blocks = dropout::row_blocks(c.n / c.h);
+  at::Tensor partial = at::zeros({blocks.count, c.h}, gc.options().dtype(
+                                                          c.dtype == at::kDouble ? at::kDouble : at::kFloat));
+  c.x = gc.data_ptr();
+  c.y = dx.data_ptr();
+  c.partial = partial.data_ptr();
+  run.bias_dropout_add_backward(c, dbias.data_ptr());
+  return {dx, dbias};
+}
+
+// uint8 [ceil(numel / 8)]: bit k of byte j is the keep bit of element 8j + k
+// of the draw (seed, offset) at probability p, on x's device.
+template <typename Run>
+at::Tensor keep_bits_op(const char* op, c10::DeviceType device, const Run& run, const at::Tensor& x, double p,
+                        int64_t seed, int64_t offset) {
+  DropoutCall c = make_dropout_call(op, p, seed, offset);
+  TORCH_CHECK(x.defined() && x.device().type() == device, op, ": expected a tensor on ", device);
+  c.n = x.numel();
+  at::Tensor bits = at::empty({(c.n + 7) / 8}, x.options().dtype(at::kByte));
+  if (c.n > 0) run.keep_bits(c, bits.data_ptr<uint8_t>());
+  return bits;
+}
+
+inline bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The typed arguments of the per-thread bodies (dropout_body.h) for a call.
+template <typename T>
+dropout::Args<T> typed_args(const DropoutCall& c) {
+  using S = typename dropout::OpMath<T>::type;
+  dropout::Args<T> a;
+  a.x = static_cast<const T*>(c.x);
+  a.bias = static_cast<const T*>(c.bias);
+  a.residual = static_cast<const T*>(c.residual);
+  a.y = static_cast<T*>(c.y);
+  a.partial = static_cast<S*>(c.partial);
+  a.seed = c.seed;
+  a.offset = c.offset;
+  a.threshold = c.threshold;
+  a.scale = static_cast<S>(c.scale);
+  a.n = c.n;
+  a.h = c.h;
+  a.vec = aligned16(c.x) && aligned16(c.bias) && aligned16(c.residual) && aligned16(c.y) &&
+          (!c.row_wise || c.h % dropout::unit_elems<T>() == 0);
+  return a;
+}
+
+inline dropout::BitsArgs bits_args(const DropoutCall& c, uint8_t* out) {
+  dropout::BitsArgs a;
+  a.bits = out;
+  a.seed = c.seed;
+  a.offset = c.offset;
+  a.threshold = c.threshold;
+  a.n = c.n;
+  a.vec = reinterpret_cast<uintptr_t>(out) % 4 == 0;
+  return a;
+}
+
+}  // namespace fusedopt

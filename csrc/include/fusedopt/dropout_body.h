@@ -1,0 +1,296 @@
+#pragma once
+// The CUDA dropout kernels' per-thread bodies, host+device: csrc/cuda/dropout.cu
+// wraps each in a __global__ shell, and the CPU ops `_gridemu_*`
+// (csrc/cpu/dropout_ops.cpp) run them over the same launch plan on the host,
+// so the chunking, tails, alignment and index arithmetic of the CUDA code are
+// tested bit for bit against the CPU kernels without a GPU (DESIGN.md §7).
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "fusedopt/fo.h"
+#include "fusedopt/math/dropout.h"
+#include "fusedopt/philox.h"
+
+namespace fusedopt {
+namespace dropout {
+
+FUSEDOPT_HD inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Note [Dropout launch plan]
+// Every kernel cuts its work into units and runs a grid-stride loop: thread t
+// of block b (of `grid` blocks of kThreads) handles units b·kThreads + t,
+// then every grid·kThreads further. The grid is capped (on CUDA at 8 blocks
+// per SM, in grid emulation at whatever the test asks), so one launch covers
+// any size with 64-bit indices.
+constexpr int64_t kThreads = 256;
+
+inline int64_t grid_size(int64_t units, int64_t max_grid) {
+  return std::max<int64_t>(1, std::min(ceil_div(units, kThreads), max_grid));
+}
+
+template <typename T>
+struct OpMath {
+  using type = float;
+};
+template <>
+struct OpMath<double> {
+  using type = double;
+};
+
+// Elements of a unit: one Philox block (4 elements) or one 16-byte access,
+// whichever is larger: fp32 4 (one access), fp16/bf16 8 (one access, two
+// blocks), fp64 4 (two accesses). Units start at multiples of U, so each
+// covers whole Philox blocks and, from a 16-byte aligned base, whole accesses.
+template <typename T>
+FUSEDOPT_HD constexpr int unit_elems() {
+  return sizeof(T) >= 4 ? 4 : 16 / static_cast<int>(sizeof(T));
+}
+
+template <typename T>
+struct alignas(16) Pack {
+  T v[16 / sizeof(T)];
+};
+
+// 16-byte loads and stores of a unit; p must be 16-byte aligned.
+template <typename T>
+FUSEDOPT_HD inline void load_unit(const T* p, T (&v)[unit_elems<T>()]) {
+  constexpr int P = 16 / sizeof(T);
+  for (int k = 0; k < unit_elems<T>(); k += P) {
+#if defined(__CUDA_ARCH__)
+    const Pack<T> pk = *reinterpret_cast<const Pack<T>*>(p + k);
+    for (int j = 0; j < P; ++j) v[k + j] = pk.v[j];
+#else
+    std::memcpy(v + k, p + k, 16);
+#endif
+  }
+}
+
+template <typename T>
+FUSEDOPT_HD inline void store_unit(T* p, const T (&v)[unit_elems<T>()]) {
+  constexpr int P = 16 / sizeof(T);
+  for (int k = 0; k < unit_elems<T>(); k += P) {
+#if defined(__CUDA_ARCH__)
+    Pack<T> pk;
+    for (int j = 0; j < P; ++j) pk.v[j] = v[k + j];
+    *reinterpret_cast<Pack<T>*>(p + k) = pk;
+#else
+    std::memcpy(p + k, v + k, 16);
+#endif
+  }
+}
+
+// Note [dbias row blocks]
+// bias_dropout_add's backward sums dx over rows for dbias. The sum has one
+// fixed order on every device and thread count: rows are cut into blocks of
+// `per_block` consecutive rows; partial[b][c] = 0 + dx[r0][c] + dx[r0+1][c] + ...
+// over block b's rows in order, and dbias[c] = 0 + partial[0][c] + partial[1][c]
+// + ..., all in op-math, rounded once to the bias dtype. At most ~1024 blocks,
+// at least 32 rows each.
+struct RowBlocks {
+  int64_t per_block, count;
+};
+
+FUSEDOPT_HD inline RowBlocks row_blocks(int64_t rows) {
+  const int64_t per = std::max<int64_t>(32, ceil_div(rows, 1024));
+  return {per, ceil_div(rows, per)};
+}
+
+// Units of each kernel (Note [Dropout launch plan]).
+template <typename T>
+FUSEDOPT_HD inline int64_t elementwise_units(int64_t n) {
+  return ceil_div(n, unit_elems<T>());
+}
+template <typename T>
+FUSEDOPT_HD inline int64_t partial_units(int64_t n, int64_t h) {
+  return row_blocks(n / h).count * ceil_div(h, unit_elems<T>());
+}
+FUSEDOPT_HD inline int64_t bits_units(int64_t n) { return ceil_div(ceil_div(n, 8), 4); }
+
+// One call's arguments, typed; `vec` says the 16-byte path is allowed (every
+// pointer 16-byte aligned, and for the row-wise ops h % U == 0).
+template <typename T>
+struct Args {
+  using S = typename OpMath<T>::type;
+  const T* x = nullptr;  // x, or dy for the backward ops
+  const T* bias = nullptr;
+  const T* residual = nullptr;
+  T* y = nullptr;  // y, or dx
+  S* partial = nullptr;
+  uint64_t seed = 0, offset = 0, threshold = 0;
+  S scale = 0;
+  int64_t n = 0, h = 1;
+  bool vec = false;
+};
+
+// m[k] for the U elements of the unit starting at i0 (a multiple of 4).
+template <typename T>
+FUSEDOPT_HD inline void unit_keep(const Args<T>& a, int64_t i0, typename Args<T>::S (&m)[unit_elems<T>()]) {
+  for (int q = 0; q < unit_elems<T>() / 4; ++q) {
+    const philox::Words w = philox::block(a.seed, a.offset, static_cast<uint64_t>(i0 >> 2) + q);
+    for (int j = 0; j < 4; ++j) m[4 * q + j] = philox::keep(w.w[j], a.threshold) ? a.scale : 0;
+  }
+}
+
+// y = dropout(x): units of U elements over [0, n). Also the backward (x = dy).
+template <typename T>
+FUSEDOPT_HD inline void dropout_thread(int64_t block, int64_t thread, int64_t threads, int64_t grid,
+                                       const Args<T>& a) {
+  using S = typename Args<T>::S;
+  constexpr int U = unit_elems<T>();
+  const int64_t units = elementwise_units<T>(a.n);
+  for (int64_t u = block * threads + thread; u < units; u += grid * threads) {
+    const int64_t i0 = u * U;
+    S m[U];
+    unit_keep(a, i0, m);
+    if (a.vec && i0 + U <= a.n) {
+      T v[U];
+      load_unit(a.x + i0, v);
+      for (int k = 0; k < U; ++k) v[k] = static_cast<T>(math::dropout(static_cast<S>(v[k]), m[k]));
+      store_unit(a.y + i0, v);
+    } else {
+      for (int k = 0; k < U && i0 + k < a.n; ++k)
+        a.y[i0 + k] = static_cast<T>(math::dropout(static_cast<S>(a.x[i0 + k]), m[k]));
+    }
+  }
+}
+
+// y = residual + dropout(x + bias), bias[c] for column c = i mod h.
+template <typename T>
+FUSEDOPT_HD inline void bias_dropout_add_thread(int64_t block, int64_t thread, int64_t threads, int64_t grid,
+                                                const Args<T>& a) {
+  using S = typename Args<T>::S;
+  constexpr int U = unit_elems<T>();
+  const int64_t units = elementwise_units<T>(a.n);
+  for (int64_t u = block * threads + thread; u < units; u += grid * threads) {
+    const int64_t i0 = u * U;
+    S m[U];
+    unit_keep(a, i0, m);
+    int64_t c = i0 % a.h;
+    if (a.vec && i0 + U <= a.n) {  // h % U == 0: the unit's columns c .. c + U - 1 lie in one row
+      T x[U], b[U], r[U];
+      load_unit(a.x + i0, x);
+      load_unit(a.bias + c, b);
+      load_unit(a.residual + i0, r);
+      for (int k = 0; k < U; ++k)
+        x[k] = static_cast<T>(math::bias_dropout_add(static_cast<S>(x[k]), static_cast<S>(b[k]),
+                                                     static_cast<S>(r[k]), m[k]));
+      store_unit(a.y + i0, x);
+    } else {
+      for (int k = 0; k < U && i0 + k < a.n; ++k) {
+        const int64_t i = i0 + k;
+        a.y[i] = static_cast<T>(math::bias_dropout_add(static_cast<S>(a.x[i]), static_cast<S>(a.bias[c]),
+                                                       static_cast<S>(a.residual[i]), m[k]));
+        if (++c == a.h) c = 0;
+      }
+    }
+  }
+}
+
+// bias_dropout_add's backward, first pass: dx = dropout(dy) and the partial
+// sums of Note [dbias row blocks]. A unit is U columns of one row block; a
+// thread walks its rows in order. Units run over columns fastest, so the
+// threads of a warp touch consecutive memory.
+template <typename T>
+FUSEDOPT_HD inline void dbias_partial_thread(int64_t block, int64_t thread, int64_t threads, int64_t grid,
+                                             const Args<T>& a) {
+  using S = typename Args<T>::S;
+  constexpr int U = unit_elems<T>();
+  const int64_t rows = a.n / a.h;
+  const RowBlocks rb = row_blocks(rows);
+  const int64_t col_units = ceil_div(a.h, U);
+  const int64_t units = partial_units<T>(a.n, a.h);
+  for (int64_t u = block * threads + thread; u < units; u += grid * threads) {
+    const int64_t b = u / col_units;
+    const int64_t c0 = (u - b * col_units) * U;
+    const int cn = static_cast<int>(std::min<int64_t>(U, a.h - c0));
+    S acc[U];
+    for (int k = 0; k < U; ++k) acc[k] = 0;
+    const int64_t r_end = std::min(rows, (b + 1) * rb.per_block);
+    for (int64_t r = b * rb.per_block; r < r_end; ++r) {
+      const int64_t i0 = r * a.h + c0;
+      S m[U];
+      if (a.vec) {  // h % U == 0, so i0 is a multiple of U and the unit is whole
+        unit_keep(a, i0, m);
+        T v[U];
+        load_unit(a.x + i0, v);
+        for (int k = 0; k < U; ++k) {
+          const S d = math::dropout(static_cast<S>(v[k]), m[k]);
+          v[k] = static_cast<T>(d);
+          acc[k] = acc[k] + d;
+        }
+        store_unit(a.y + i0, v);
+      } else {
+        uint64_t g_cur = ~uint64_t(0);
+        philox::Words w{};
+        for (int k = 0; k < cn; ++k) {
+          const uint64_t i = static_cast<uint64_t>(i0 + k);
+          if ((i >> 2) != g_cur) {
+            g_cur = i >> 2;
+            w = philox::block(a.seed, a.offset, g_cur);
+          }
+          const S d = math::dropout(static_cast<S>(a.x[i]), philox::keep(w.w[i & 3], a.threshold) ? a.scale : S(0));
+          a.y[i] = static_cast<T>(d);
+          acc[k] = acc[k] + d;
+        }
+      }
+    }
+    for (int k = 0; k < cn; ++k) a.partial[b * a.h + c0 + k] = acc[k];
+  }
+}
+
+// dbias[c] from the partial sums (Note [dbias row blocks]), written to a.y.
+template <typename T>
+FUSEDOPT_HD inline typename Args<T>::S dbias_column(const typename Args<T>::S* partial, int64_t count, int64_t h,
+                                                    int64_t c) {
+  typename Args<T>::S s = 0;
+  for (int64_t b = 0; b < count; ++b) s = s + partial[b * h + c];
+  return s;
+}
+
+template <typename T>
+FUSEDOPT_HD inline void dbias_reduce_thread(int64_t block, int64_t thread, int64_t threads, int64_t grid,
+                                            const Args<T>& a) {
+  const int64_t count = row_blocks(a.n / a.h).count;
+  for (int64_t c = block * threads + thread; c < a.h; c += grid * threads)
+    a.y[c] = static_cast<T>(dbias_column<T>(a.partial, count, a.h, c));
+}
+
+// Packed keep bits: bit k of byte j = keep of element 8j + k. A unit is one
+// 32-bit word of output (32 elements, 8 Philox blocks), stored whole when
+// `vec` (the output is 4-byte aligned) and the word is complete.
+struct BitsArgs {
+  uint8_t* bits = nullptr;
+  uint64_t seed = 0, offset = 0, threshold = 0;
+  int64_t n = 0;
+  bool vec = false;
+};
+
+FUSEDOPT_HD inline void keep_bits_thread(int64_t block, int64_t thread, int64_t threads, int64_t grid,
+                                         const BitsArgs& a) {
+  const int64_t bytes = ceil_div(a.n, 8);
+  const int64_t units = bits_units(a.n);
+  for (int64_t u = block * threads + thread; u < units; u += grid * threads) {
+    uint32_t word = 0;
+    for (int q = 0; q < 8 && 32 * u + 4 * q < a.n; ++q) {
+      const philox::Words w = philox::block(a.seed, a.offset, static_cast<uint64_t>(8 * u + q));
+      for (int j = 0; j < 4; ++j)
+        if (32 * u + 4 * q + j < a.n && philox::keep(w.w[j], a.threshold)) word |= uint32_t(1) << (4 * q + j);
+    }
+    if (a.vec && 4 * u + 4 <= bytes) {
+#if defined(__CUDA_ARCH__)
+      *reinterpret_cast<uint32_t*>(a.bits + 4 * u) = word;
+#else
+      std::memcpy(a.bits + 4 * u, &word, 4);  // little-endian, as on the GPU
+#endif
+    } else {
+      for (int k = 0; k < 4 && 4 * u + k < bytes; ++k) a.bits[4 * u + k] = static_cast<uint8_t>(word >> (8 * k));
+    }
+  }
+}
+
+}  // namespace dropout
+}  // namespace fusedopt

@@ -1,0 +1,5 @@
+import sys
+
+from fusedopt.bench import main
+
+sys.exit(main())
