@@ -53,6 +53,35 @@ TORCH_LIBRARY_FRAGMENT(fusedopt, m) {
 }
 // ---------------------------------------------------------------------------
 
+// ---------------------------------------------------------------------------
+// Dropout (DESIGN.md §6; CPU kernels in csrc/cpu/dropout_ops.cpp, CUDA in
+// csrc/cuda/dropout.cu, fakes and autograd in fusedopt/nn/_ops.py). Element i
+// (row-major logical index) of the draw (seed, offset) is kept with
+// probability 1 - p; the output is contiguous. Nothing but (p, seed, offset)
+// is needed to regenerate a mask.
+TORCH_LIBRARY_FRAGMENT(fusedopt, m) {
+  // y = x · keep / (1 - p)   (Note [Dropout formula])
+  m.def("dropout(Tensor x, float p, int seed, int offset) -> Tensor");
+  // dx = dy · keep / (1 - p)
+  m.def("dropout_backward(Tensor grad, float p, int seed, int offset) -> Tensor");
+  // y = residual + dropout(x + bias); bias: [x.size(-1)], residual: x's shape
+  m.def("bias_dropout_add(Tensor x, Tensor bias, Tensor residual, float p, int seed, int offset) -> Tensor");
+  // (dx, dbias): dx = dropout(dy), dbias = dx summed over all but the last dimension
+  m.def("bias_dropout_add_backward(Tensor grad, float p, int seed, int offset) -> (Tensor, Tensor)");
+  // uint8 [ceil(x.numel() / 8)], bit k of byte j = keep of element 8j + k, on x's device
+  m.def("dropout_keep_bits(Tensor x, float p, int seed, int offset) -> Tensor");
+  // Tests only: Philox4x32-10 of int64 [n, 4] counter words under key (seed lo, seed hi)
+  m.def("_philox(Tensor counters, int seed) -> Tensor");
+  // Tests only: the CUDA bodies run on the host over the CUDA launch plan, grid capped at max_grid
+  m.def("_gridemu_dropout(Tensor x, float p, int seed, int offset, int max_grid) -> Tensor");
+  m.def("_gridemu_bias_dropout_add(Tensor x, Tensor bias, Tensor residual, float p, int seed, int offset, "
+        "int max_grid) -> Tensor");
+  m.def("_gridemu_bias_dropout_add_backward(Tensor grad, float p, int seed, int offset, int max_grid) -> "
+        "(Tensor, Tensor)");
+  m.def("_gridemu_dropout_keep_bits(Tensor x, float p, int seed, int offset, int max_grid) -> Tensor");
+}
+// ---------------------------------------------------------------------------
+
 // A Python module, so `import fusedopt._C` loads the library (and with it the
 // registrations above); it defines no Python functions of its own.
 extern "C" PyObject* PyInit__C() {

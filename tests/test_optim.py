@@ -251,7 +251,7 @@ def test_state_dict_interchange_mid_training(cls, options):
 @pytest.mark.parametrize("cls, options", INTERCHANGE, ids=[_case_id(*c) for c in INTERCHANGE])
 def test_state_dict_layout_matches_torch(cls, options):
     model, tmodel = _model(), _model()
-    opt = cls(_groups(model, options), **options)
+    opt = cls(_groups(model, options), foreach=False, **options)
     topt = TORCH[cls](_groups(tmodel, options), foreach=False, **options)
     _train(model, opt, range(3))
     _train(tmodel, topt, range(3))
@@ -262,6 +262,40 @@ def test_state_dict_layout_matches_torch(cls, options):
     # The fusedopt options travel in the param groups.
     for group in ours["param_groups"]:
         assert {"l1_decay", "decoupled_weight_decay", "grad_keep_prob", "grad_mask_seed"} <= set(group)
+
+
+def test_step_dtype_follows_default_dtype_as_torch():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for cls in OPTIMIZERS[1:]:  # torch's SGD keeps no step
+            p, q = torch.randn(3, dtype=torch.float32, requires_grad=True), torch.randn(3, requires_grad=True)
+            ours, theirs = cls([p], lr=0.1), TORCH[cls]([q], lr=0.1)
+            p.grad, q.grad = torch.ones(3, dtype=torch.float32), torch.ones(3)
+            ours.step()
+            theirs.step()
+            assert ours.state[p]["step"].dtype == theirs.state[q]["step"].dtype == torch.float64
+            assert ours.state[p]["step"].item() == 1
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_deepcopy_and_pickle():
+    model = _model()
+    opt = fusedopt.AdamW(model.parameters(), lr=0.01, grad_mask_seed=5)
+    _train(model, opt, range(2))
+    clone = copy.deepcopy(opt)
+    assert clone.param_groups[0]["grad_mask_seed"] == 5 and clone.param_groups[0]["decoupled_weight_decay"]
+    for p, q in zip(opt.param_groups[0]["params"], clone.param_groups[0]["params"]):
+        assert torch.equal(opt.state[p]["exp_avg"], clone.state[q]["exp_avg"])
+    pickled = torch.load(io.BytesIO(_saved(opt)), weights_only=False)
+    assert type(pickled) is fusedopt.AdamW and pickled.param_groups[0]["grad_mask_seed"] == 5
+
+
+def _saved(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def test_fusedopt_checkpoint_resumes_in_fusedopt():
@@ -774,3 +808,11 @@ def test_cuda_resumes_from_cpu_mapped_checkpoint():
     for p, q in zip(model.parameters(), expected.parameters()):
         assert torch.equal(p, q)
         assert resumed.state[p]["step"].device == p.device and resumed.state[p]["step"].item() == 4
+
+
+def test_no_masking_draws_no_random_number():
+    torch.manual_seed(7)
+    fusedopt.Adam(P())
+    after = torch.rand(3)
+    torch.manual_seed(7)
+    assert torch.equal(torch.rand(3), after)

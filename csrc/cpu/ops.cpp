@@ -53,6 +53,7 @@ double read_scalar(const at::Tensor& t) {
 template <typename Hyper>
 bool begin_step(OptimizerCall<Hyper>& call, at::TensorList steps, const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& found_inf) {
+  if (call.tensors.empty()) return false;  // nothing to do; gather() left grad_scale/found_inf unchecked
   if (found_inf.has_value() && read_scalar(*found_inf) != 0) return false;
   if (grad_scale.has_value()) {
     call.scaled = true;

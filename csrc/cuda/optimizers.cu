@@ -24,7 +24,7 @@ constexpr size_t kMaxArgBytes = 32764;  // CUDA 12.1+, sm_70+
 // One block per chunk of the launch plan; the arguments stay in the constant
 // bank (__grid_constant__: a block's run-time slot index reads them in place).
 template <typename Body>
-__global__ void __launch_bounds__(mta::kThreads) update_kernel(const __grid_constant__ typename Body::Args args) {
+__global__ void __launch_bounds__(mta::kThreads, 2) update_kernel(const __grid_constant__ typename Body::Args args) {
   Body::run(args, blockIdx.x, threadIdx.x, blockDim.x);
 }
 

@@ -46,8 +46,11 @@ class FusedOptimizer(Optimizer):
         if not 0.0 < grad_keep_prob <= 1.0:
             raise ValueError(f"Invalid grad_keep_prob value: {grad_keep_prob} (must lie in (0, 1])")
         if grad_mask_seed is None:
-            # Drawn from torch's default generator, so torch.manual_seed makes runs reproducible.
-            grad_mask_seed = int(torch.randint(0, 2**63 - 1, ()).item())
+            # Drawn from torch's default generator, so torch.manual_seed makes runs reproducible; without
+            # masking no number is drawn (torch.initial_seed() instead), so swapping torch.optim for
+            # fusedopt leaves the program's random stream (init, dropout, shuffling) as it was.
+            grad_mask_seed = (int(torch.randint(0, 2**63 - 1, ()).item()) if grad_keep_prob < 1
+                              else torch.initial_seed() % 2**63)
         elif not (isinstance(grad_mask_seed, int) and 0 <= grad_mask_seed < 2**64):
             raise ValueError(f"Invalid grad_mask_seed value: {grad_mask_seed} (must be an int in [0, 2^64))")
         defaults.update(l1_decay=l1_decay, decoupled_weight_decay=decoupled_weight_decay,
@@ -73,6 +76,7 @@ class FusedOptimizer(Optimizer):
                 if key not in ("params", "param_names"):
                     group.setdefault(key, value)
         super().load_state_dict({**state_dict, "param_groups": saved})
+        self.__dict__.pop("_plans", None)  # Note [Step plans]: the state tensors were replaced
 
     def _state(self, p, group):
         """The state of parameter p, created or completed as its group needs it (Note [Step tensors])."""
@@ -105,42 +109,76 @@ class FusedOptimizer(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         amp = {}  # device -> (grad_scale, found_inf) there, float32
-        j = -1
-        for group in self.param_groups:
+        plans = self.__dict__.setdefault("_plans", {})
+        first = 0  # state_dict number of the group's first parameter
+        for gi, group in enumerate(self.param_groups):
+            params = group["params"]
+            grads = [p.grad for p in params]
             spec = self._buffers(group)
-            buckets = {}  # (device, dtype) -> [params, grads, *one list per buffer of spec, steps, indices]
-            copies = []  # (tensor, the contiguous copy handed to the op)
-            for p in group["params"]:
-                j += 1
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
-                                       "(fusedopt's ops take dense tensors only)")
-                state = self._state(p, group)
-                tensors = [_operand(t, copies) for t in [p, p.grad, *(state[k] for k, used in spec if used)]]
-                lists = buckets.setdefault((p.device, tensors[0].dtype), [[] for _ in range(len(spec) + 4)])
-                lists[0].append(tensors[0])
-                lists[1].append(tensors[1])
-                buffers = iter(tensors[2:])
-                for lst, (_, used) in zip(lists[2:], spec):
-                    if used:  # an unused buffer's list stays empty, as the op wants
-                        lst.append(next(buffers))
-                lists[-2].append(state["step"])
-                lists[-1].append(j)
-            for (device, _), lists in buckets.items():
+            key = (tuple(g is not None for g in grads), tuple(spec), first)
+            plan = plans.get(gi)
+            if plan is None or plan[0] != key:
+                plan = plans[gi] = (key, self._plan(group, spec, grads, first))
+            options = dict(lr=float(group["lr"]), **self._options(group), **_common(group))
+            for device, members, lists in plan[1]:
+                copies = []  # (tensor, the contiguous copy handed to the op)
+                if lists is None:  # complex or non-contiguous members: operands anew each step
+                    rows = [[_operand(t, copies) for t in self._operands(params[i], grads[i], group, spec)]
+                            for i in members]
+                    op_lists = _columns(rows) + [[i + first for i in members]]
+                else:
+                    op_lists = [lists[0], [_operand(grads[i], copies) for i in members], *lists[1:]]
                 if device not in amp:
                     amp[device] = [None if t is None else t.to(device=device, dtype=torch.float32)
                                    for t in (grad_scale, found_inf)]
-                self._op(*lists, lr=float(group["lr"]), **self._options(group), **_common(group),
-                         grad_scale=amp[device][0], found_inf=amp[device][1])
-            for t, c in copies:
-                t.copy_(c)
+                self._op(*op_lists, **options, grad_scale=amp[device][0], found_inf=amp[device][1])
+                for t, c in copies:
+                    t.copy_(c)
+            first += len(params)
         return loss
+
+    def _operands(self, p, g, group, spec):
+        """p, its gradient, its state buffers in use (op order) and its step tensor."""
+        state = self._state(p, group)
+        return [p, g, *(state[k] if used else None for k, used in spec), state["step"]]
+
+    def _plan(self, group, spec, grads, first):
+        """Note [Step plans]
+        The tensors a group hands to its op calls change only when the set of parameters with a gradient,
+        the buffers in use or the state (load_state_dict) change, so step() keeps, per group, the op's lists
+        for each (device, dtype) bucket and rebuilds them only then; a step then costs a list of gradients
+        per bucket. Complex or non-contiguous members go to buckets that convert their operands anew each
+        step. Returns [(device, members, lists or None)], lists = [params, *buffers, steps, indices]."""
+        buckets = {}
+        for i, (p, g) in enumerate(zip(group["params"], grads)):
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
+                                   "(fusedopt's ops take dense tensors only)")
+            tensors = self._operands(p, g, group, spec)
+            plain = all(not t.is_complex() and t.is_contiguous() for t in tensors[:1] + tensors[2:] if t is not None)
+            dtype = torch.view_as_real(p).dtype if p.is_complex() else p.dtype
+            buckets.setdefault((p.device, dtype, plain), []).append(i)
+        plan = []
+        for (device, _, plain), members in buckets.items():
+            lists = None
+            if plain:
+                rows = [self._operands(group["params"][i], None, group, spec) for i in members]
+                columns = _columns(rows)
+                lists = columns[:1] + columns[2:] + [[i + first for i in members]]
+            plan.append((device, members, lists))
+        return plan
+
+def _columns(rows):
+    """Per-parameter rows of operands -> the op's lists; a buffer not in use (None) is an empty list."""
+    return [[] if col[0] is None else list(col) for col in zip(*rows)]
 
 
 def _operand(t, copies):
     """t as the op takes it: real and contiguous (Note [One op call per device and dtype])."""
+    if t is None:
+        return None
     if t.is_complex():
         t = torch.view_as_real(t)
     if t.is_contiguous():

@@ -222,15 +222,18 @@ FUSEDOPT_HD inline int64_t read_step(const void* p, bool dbl) {
              : static_cast<int64_t>(*static_cast<const float*>(p));
 }
 
-// Keep bits (1 or 0) of elements i .. i + G - 1 of a gradient mask; i % 4 == 0.
-template <int G, typename S>
-FUSEDOPT_HD inline void fill_keep(const math::Common& c, uint64_t offset, int64_t i, S (&keep)[G]) {
+// Keep bits of elements i .. i + G - 1 of a gradient mask, bit e for element
+// i + e; i % 4 == 0.
+template <int G>
+FUSEDOPT_HD inline uint32_t keep_bits(const math::Common& c, uint64_t offset, int64_t i) {
+  uint32_t bits = 0;
   FUSEDOPT_UNROLL
   for (int b = 0; b < G / 4; ++b) {
     const philox::Words w = philox::block(c.seed, offset, (static_cast<uint64_t>(i) >> 2) + b);
     FUSEDOPT_UNROLL
-    for (int k = 0; k < 4; ++k) keep[4 * b + k] = philox::keep(w.w[k], c.threshold) ? S(1) : S(0);
+    for (int k = 0; k < 4; ++k) bits |= static_cast<uint32_t>(philox::keep(w.w[k], c.threshold)) << (4 * b + k);
   }
+  return bits;
 }
 
 // Note [Chunk body]
@@ -265,43 +268,39 @@ FUSEDOPT_HD inline void optimizer_chunk(const A& a, int64_t block, int64_t tid, 
   for (int64_t i = begin + tid * G; i < end; i += threads * G) {
     const bool full = vec && i + G <= end;
     const int live = full ? G : static_cast<int>(end - i < G ? end - i : G);
-    S x[G][N];
+    // The group stays in storage type until each element is computed: G·N
+    // op-math values at once would not fit in registers for fp16/bf16/fp64.
+    Group<scalar_t, G> v[N];
     FUSEDOPT_UNROLL
     for (int k = 0; k < N; ++k) {
       if (full) {
-        const Group<scalar_t, G> v = load_group<scalar_t, G>(ptr[k] + i);
-        FUSEDOPT_UNROLL
-        for (int e = 0; e < G; ++e) x[e][k] = static_cast<S>(v.v[e]);
+        v[k] = load_group<scalar_t, G>(ptr[k] + i);
       } else {
         FUSEDOPT_UNROLL
-        for (int e = 0; e < G; ++e) x[e][k] = e < live ? static_cast<S>(ptr[k][i + e]) : S(0);
+        for (int e = 0; e < G; ++e) v[k].v[e] = e < live ? ptr[k][i + e] : scalar_t(0);
       }
     }
-    S keep[G];
-    if constexpr (MASK) {
-      fill_keep<G>(a.common, offset, i, keep);
-    } else {
-      FUSEDOPT_UNROLL
-      for (int e = 0; e < G; ++e) keep[e] = S(1);
-    }
-    S unscaled[G];
+    const uint32_t bits = MASK ? keep_bits<G>(a.common, offset, i) : 0;
     FUSEDOPT_UNROLL
     for (int e = 0; e < G; ++e) {
-      if (scaled) unscaled[e] = x[e][1] / pre.scale;
-      body(x[e], keep[e]);
+      S x[N];
+      FUSEDOPT_UNROLL
+      for (int k = 0; k < N; ++k) x[k] = static_cast<S>(v[k].v[e]);
+      const S unscaled = scaled ? x[1] / pre.scale : x[1];
+      body(x, MASK ? S((bits >> e) & 1u) : S(1));
+      x[1] = unscaled;
+      FUSEDOPT_UNROLL
+      for (int k = 0; k < N; ++k) v[k].v[e] = static_cast<scalar_t>(x[k]);
     }
     FUSEDOPT_UNROLL
     for (int k = 0; k < N; ++k) {
       if (k == 1 && !scaled) continue;
       if (full) {
-        Group<scalar_t, G> v;
-        FUSEDOPT_UNROLL
-        for (int e = 0; e < G; ++e) v.v[e] = static_cast<scalar_t>(k == 1 ? unscaled[e] : x[e][k]);
-        store_group<scalar_t, G>(ptr[k] + i, v);
+        store_group<scalar_t, G>(ptr[k] + i, v[k]);
       } else {
         FUSEDOPT_UNROLL
         for (int e = 0; e < G; ++e)
-          if (e < live) ptr[k][i + e] = static_cast<scalar_t>(k == 1 ? unscaled[e] : x[e][k]);
+          if (e < live) ptr[k][i + e] = v[k].v[e];
       }
     }
   }

@@ -1,0 +1,191 @@
+// CPU implementations of the dropout ops (DESIGN.md §6), their grid
+// emulation (the CUDA bodies of dropout_body.h run on the host over the CUDA
+// launch plan) and `_philox`, a test hook on the vector Philox rounds.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <string>
+
+#include "fusedopt/dispatch.h"
+#include "fusedopt/dropout.h"
+#include "kernels/kernels.h"
+
+namespace fusedopt::cpu {
+namespace {
+
+enum class Isa { DEFAULT, AVX2, AVX512 };
+
+// The widest ISA this CPU runs, or FUSEDOPT_CPU_ISA when set. Mirrors
+// pick_isa in ops.cpp (same rule, same messages): the dropout ops honour the
+// same override, so tests run every build of these kernels too.
+Isa pick_isa() {
+  static const Isa best = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+      return Isa::AVX512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::AVX2;
+    return Isa::DEFAULT;
+  }();
+  const char* env = std::getenv("FUSEDOPT_CPU_ISA");
+  if (env == nullptr || *env == '\0') return best;
+  const std::string want(env);
+  TORCH_CHECK(want == "AVX512" || want == "AVX2" || want == "DEFAULT",
+              "FUSEDOPT_CPU_ISA must be DEFAULT, AVX2 or AVX512, got ", want);
+  const Isa forced = want == "AVX512" ? Isa::AVX512 : want == "AVX2" ? Isa::AVX2 : Isa::DEFAULT;
+  TORCH_CHECK(forced <= best, "FUSEDOPT_CPU_ISA=", want, " is not supported by this CPU");
+  return forced;
+}
+
+#define FUSEDOPT_DROPOUT_ISA_CALL(NAME, ...)            \
+  switch (pick_isa()) {                                 \
+    case Isa::AVX512: AVX512::NAME(__VA_ARGS__); break; \
+    case Isa::AVX2: AVX2::NAME(__VA_ARGS__); break;     \
+    default: DEFAULT::NAME(__VA_ARGS__); break;         \
+  }
+
+// dbias[c] = Σ_b partial[b][c] in block order (Note [dbias row blocks]).
+void reduce_dbias(const DropoutCall& c, void* dbias) {
+  const int64_t count = dropout::row_blocks(c.n / c.h).count;
+  FUSEDOPT_DISPATCH_FLOATING(c.dtype, "bias_dropout_add_backward", [&] {
+    using S = typename dropout::OpMath<scalar_t>::type;
+    const auto* partial = static_cast<const S*>(c.partial);
+    auto* out = static_cast<scalar_t*>(dbias);
+    at::parallel_for(0, c.h, 4096, [&](int64_t lo, int64_t hi) {
+      for (int64_t col = lo; col < hi; ++col)
+        out[col] = static_cast<scalar_t>(dropout::dbias_column<scalar_t>(partial, count, c.h, col));
+    });
+  });
+}
+
+// The CPU kernels of kernels/dropout.cpp, for the ISA in use.
+struct CpuRun {
+  void dropout(const DropoutCall& c) const { FUSEDOPT_DROPOUT_ISA_CALL(dropout, c); }
+  void bias_dropout_add(const DropoutCall& c) const { FUSEDOPT_DROPOUT_ISA_CALL(bias_dropout_add, c); }
+  void bias_dropout_add_backward(const DropoutCall& c, void* dbias) const {
+    FUSEDOPT_DROPOUT_ISA_CALL(bias_dropout_add_backward, c);
+    reduce_dbias(c, dbias);
+  }
+  void keep_bits(const DropoutCall& c, uint8_t* out) const { FUSEDOPT_DROPOUT_ISA_CALL(keep_bits, c, out); }
+};
+
+constexpr auto kCPU = c10::DeviceType::CPU;
+
+at::Tensor dropout(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
+  return dropout_op("dropout", kCPU, CpuRun{}, x, p, seed, offset);
+}
+at::Tensor dropout_backward(const at::Tensor& grad, double p, int64_t seed, int64_t offset) {
+  return dropout_op("dropout_backward", kCPU, CpuRun{}, grad, p, seed, offset);
+}
+at::Tensor bias_dropout_add(const at::Tensor& x, const at::Tensor& bias, const at::Tensor& residual, double p,
+                            int64_t seed, int64_t offset) {
+  return bias_dropout_add_op("bias_dropout_add", kCPU, CpuRun{}, x, bias, residual, p, seed, offset);
+}
+std::tuple<at::Tensor, at::Tensor> bias_dropout_add_backward(const at::Tensor& grad, double p, int64_t seed,
+                                                             int64_t offset) {
+  return bias_dropout_add_backward_op("bias_dropout_add_backward", kCPU, CpuRun{}, grad, p, seed, offset);
+}
+at::Tensor dropout_keep_bits(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
+  return keep_bits_op("dropout_keep_bits", kCPU, CpuRun{}, x, p, seed, offset);
+}
+
+// Philox4x32-10 of rows of counter words: int64 [n, 4] (values in [0, 2^32))
+// -> int64 [n, 4], key (seed low, seed high), by the vector rounds in use.
+at::Tensor philox(const at::Tensor& counters, int64_t seed) {
+  TORCH_CHECK(counters.device().is_cpu() && counters.scalar_type() == at::kLong && counters.dim() == 2 &&
+                  counters.size(1) == 4,
+              "_philox: counters must be a CPU int64 tensor of shape [n, 4], got ", counters.scalar_type(), " ",
+              counters.sizes());
+  TORCH_CHECK(counters.numel() == 0 || (counters.min().item<int64_t>() >= 0 &&
+                                        counters.max().item<int64_t>() <= int64_t(0xFFFFFFFF)),
+              "_philox: counter words must lie in [0, 2^32)");
+  const at::Tensor words = counters.to(at::kInt).contiguous();
+  at::Tensor out = at::empty(words.sizes(), words.options());
+  FUSEDOPT_DROPOUT_ISA_CALL(philox_words, reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>()),
+                            reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>()), words.size(0),
+                            static_cast<uint64_t>(seed));
+  return out.to(at::kLong).bitwise_and(int64_t(0xFFFFFFFF));
+}
+
+// Grid emulation: the CUDA runner's launches (csrc/cuda/dropout.cu), with the
+// grid capped at `max_grid` blocks instead of 8 per SM, each launch's blocks
+// and threads walked on the host.
+struct EmuRun {
+  int64_t max_grid;
+
+  template <typename A, typename Body>
+  void launch(int64_t units, const A& a, const Body& body) const {
+    const int64_t grid = dropout::grid_size(units, max_grid);
+    at::parallel_for(0, grid, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t b = lo; b < hi; ++b)
+        for (int64_t t = 0; t < dropout::kThreads; ++t) body(b, t, dropout::kThreads, grid, a);
+    });
+  }
+
+  void dropout(const DropoutCall& c) const {
+    FUSEDOPT_DISPATCH_FLOATING(c.dtype, "_gridemu_dropout", [&] {
+      launch(dropout::elementwise_units<scalar_t>(c.n), typed_args<scalar_t>(c),
+             dropout::dropout_thread<scalar_t>);
+    });
+  }
+  void bias_dropout_add(const DropoutCall& c) const {
+    FUSEDOPT_DISPATCH_FLOATING(c.dtype, "_gridemu_bias_dropout_add", [&] {
+      launch(dropout::elementwise_units<scalar_t>(c.n), typed_args<scalar_t>(c),
+             dropout::bias_dropout_add_thread<scalar_t>);
+    });
+  }
+  void bias_dropout_add_backward(const DropoutCall& c, void* dbias) const {
+    FUSEDOPT_DISPATCH_FLOATING(c.dtype, "_gridemu_bias_dropout_add_backward", [&] {
+      auto a = typed_args<scalar_t>(c);
+      launch(dropout::partial_units<scalar_t>(c.n, c.h), a, dropout::dbias_partial_thread<scalar_t>);
+      a.y = static_cast<scalar_t*>(dbias);
+      launch(c.h, a, dropout::dbias_reduce_thread<scalar_t>);
+    });
+  }
+  void keep_bits(const DropoutCall& c, uint8_t* out) const {
+    launch(dropout::bits_units(c.n), bits_args(c, out), dropout::keep_bits_thread);
+  }
+};
+
+void check_grid(int64_t max_grid) {
+  TORCH_CHECK(max_grid >= 1, "_gridemu: max_grid must be at least 1, got ", max_grid);
+}
+
+at::Tensor emu_dropout(const at::Tensor& x, double p, int64_t seed, int64_t offset, int64_t max_grid) {
+  check_grid(max_grid);
+  return dropout_op("_gridemu_dropout", kCPU, EmuRun{max_grid}, x, p, seed, offset);
+}
+at::Tensor emu_bias_dropout_add(const at::Tensor& x, const at::Tensor& bias, const at::Tensor& residual, double p,
+                                int64_t seed, int64_t offset, int64_t max_grid) {
+  check_grid(max_grid);
+  return bias_dropout_add_op("_gridemu_bias_dropout_add", kCPU, EmuRun{max_grid}, x, bias, residual, p, seed,
+                             offset);
+}
+std::tuple<at::Tensor, at::Tensor> emu_bias_dropout_add_backward(const at::Tensor& grad, double p, int64_t seed,
+                                                                 int64_t offset, int64_t max_grid) {
+  check_grid(max_grid);
+  return bias_dropout_add_backward_op("_gridemu_bias_dropout_add_backward", kCPU, EmuRun{max_grid}, grad, p, seed,
+                                      offset);
+}
+at::Tensor emu_keep_bits(const at::Tensor& x, double p, int64_t seed, int64_t offset, int64_t max_grid) {
+  check_grid(max_grid);
+  return keep_bits_op("_gridemu_dropout_keep_bits", kCPU, EmuRun{max_grid}, x, p, seed, offset);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedopt, CPU, m) {
+  m.impl("dropout", &dropout);
+  m.impl("dropout_backward", &dropout_backward);
+  m.impl("bias_dropout_add", &bias_dropout_add);
+  m.impl("bias_dropout_add_backward", &bias_dropout_add_backward);
+  m.impl("dropout_keep_bits", &dropout_keep_bits);
+  m.impl("_philox", &philox);
+  m.impl("_gridemu_dropout", &emu_dropout);
+  m.impl("_gridemu_bias_dropout_add", &emu_bias_dropout_add);
+  m.impl("_gridemu_bias_dropout_add_backward", &emu_bias_dropout_add_backward);
+  m.impl("_gridemu_dropout_keep_bits", &emu_keep_bits);
+}
+
+}  // namespace fusedopt::cpu

@@ -1,0 +1,89 @@
+"""Fakes (for torch.compile) and autograd of the dropout ops; the schemas live in csrc/registration.cpp.
+
+Each op's backward needs only (p, seed, offset), which are op inputs: the mask is regenerated, never saved.
+"""
+import torch
+
+import fusedopt._ext  # noqa: F401  (loads the library that defines torch.ops.fusedopt)
+
+_ops = torch.ops.fusedopt
+
+
+def _check_bias_shapes(x, bias, residual):
+    torch._check(x.dim() >= 1, lambda: "bias_dropout_add: input must have at least one dimension")
+    torch._check(bias.dim() == 1 and bias.shape[0] == x.shape[-1],
+                 lambda: f"bias_dropout_add: bias must have shape [{x.shape[-1]}], got {list(bias.shape)}")
+    torch._check(residual.shape == x.shape,
+                 lambda: f"bias_dropout_add: residual must have the input's shape {list(x.shape)}, "
+                         f"got {list(residual.shape)}")
+
+
+@torch.library.register_fake("fusedopt::dropout")
+def _dropout_fake(x, p, seed, offset):
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("fusedopt::dropout_backward")
+def _dropout_backward_fake(grad, p, seed, offset):
+    return grad.new_empty(grad.shape)
+
+
+@torch.library.register_fake("fusedopt::bias_dropout_add")
+def _bias_dropout_add_fake(x, bias, residual, p, seed, offset):
+    _check_bias_shapes(x, bias, residual)
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("fusedopt::bias_dropout_add_backward")
+def _bias_dropout_add_backward_fake(grad, p, seed, offset):
+    torch._check(grad.dim() >= 1, lambda: "bias_dropout_add_backward: grad must have at least one dimension")
+    return grad.new_empty(grad.shape), grad.new_empty(grad.shape[-1:])
+
+
+@torch.library.register_fake("fusedopt::dropout_keep_bits")
+def _keep_bits_fake(x, p, seed, offset):
+    return x.new_empty(((x.numel() + 7) // 8,), dtype=torch.uint8)
+
+
+def _save_draw(ctx, p, seed, offset):
+    ctx.p, ctx.seed, ctx.offset = p, seed, offset
+
+
+# dropout and dropout_backward are the same linear map x -> x·m (m = keep / (1 - p)); each is the other's
+# derivative, so gradients of any order regenerate the same mask.
+def _dropout_setup(ctx, inputs, output):
+    _save_draw(ctx, *inputs[1:])
+
+
+def _dropout_grad(ctx, grad):
+    return _ops.dropout_backward(grad, ctx.p, ctx.seed, ctx.offset), None, None, None
+
+
+torch.library.register_autograd("fusedopt::dropout", _dropout_grad, setup_context=_dropout_setup)
+torch.library.register_autograd("fusedopt::dropout_backward", _dropout_grad, setup_context=_dropout_setup)
+
+
+def _bias_dropout_add_setup(ctx, inputs, output):
+    _save_draw(ctx, *inputs[3:])
+
+
+def _bias_dropout_add_grad(ctx, grad):
+    dx, dbias = _ops.bias_dropout_add_backward(grad, ctx.p, ctx.seed, ctx.offset)
+    return dx, dbias, grad, None, None, None
+
+
+torch.library.register_autograd("fusedopt::bias_dropout_add", _bias_dropout_add_grad,
+                                setup_context=_bias_dropout_add_setup)
+
+
+# (dx, dbias) = (g·m, Σ_rows g·m) is linear in g; its adjoint takes (u, v) to (u + v)·m, v broadcast over rows.
+def _bias_dropout_add_backward_setup(ctx, inputs, output):
+    _save_draw(ctx, *inputs[1:])
+
+
+def _bias_dropout_add_backward_grad(ctx, gdx, gdbias):
+    return _ops.dropout_backward(gdx + gdbias, ctx.p, ctx.seed, ctx.offset), None, None, None
+
+
+torch.library.register_autograd("fusedopt::bias_dropout_add_backward", _bias_dropout_add_backward_grad,
+                                setup_context=_bias_dropout_add_backward_setup)

@@ -1,0 +1,115 @@
+"""Dropout whose mask is the same on every device and costs no memory (DESIGN.md §6).
+
+Element i (row-major logical index) of a draw (seed, offset) is kept iff word i & 3 of
+Philox4x32-10(counter = (i >> 2, offset), key = seed) is below round((1 - p)·2^32): a pure function of
+(seed, offset, i), so the CPU and CUDA kernels, any thread count and any grid draw the same mask, and the
+backward regenerates it from (p, seed, offset) instead of saving it. `fusedopt.reference.keep_mask` is the
+same mask in numpy.
+
+Kept elements are scaled by 1/(1 - p) (inverted dropout: evaluation needs no rescaling):
+y = x·m with m = keep ? float(1/(1 - p)) : 0, in float32 for float32/float16/bfloat16 (float64 for float64),
+rounded once to the input's dtype. For float32 this is bit for bit torch's CPU native_dropout given the
+same mask. The output is contiguous whatever the input's strides.
+
+Without an explicit `seed`, every call draws a fresh (seed, offset) from torch's default CPU generator
+(also for CUDA inputs), so `torch.manual_seed` makes runs reproducible and a CPU and a CUDA run of one
+program draw the same masks.
+"""
+import operator
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _ops  # noqa: F401  (fakes and autograd of the ops)
+
+__all__ = ["bias_dropout_add", "dropout", "dropout_keep_bits", "unpack_keep_bits"]
+
+_ops_ns = torch.ops.fusedopt
+
+
+def _check_p(p) -> float:
+    """p as a float, validated as torch.nn.functional.dropout does (NaN is refused too)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"dropout probability must be a number, got {type(p).__name__}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    return float(p)
+
+
+def _int64(v, name: str) -> int:
+    """A 64-bit word given as any int in [-2^63, 2^64), as the op's signed int64 (two's complement)."""
+    if isinstance(v, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        v = operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}") from None
+    if not -(2**63) <= v < 2**64:
+        raise ValueError(f"{name} must lie in [-2^63, 2^64), got {v}")
+    return v - 2**64 if v >= 2**63 else v
+
+
+@torch.compiler.disable
+def _draw() -> tuple[int, int]:
+    """A fresh (seed, offset) from torch's default CPU generator (two int64 draws), outside any graph."""
+    seed, offset = torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64).tolist()
+    return seed, offset
+
+
+def _seed_offset(seed, offset) -> tuple[int, int]:
+    if seed is None:
+        if offset is not None:
+            raise ValueError("offset given without a seed")
+        return _draw()
+    return _int64(seed, "seed"), _int64(0 if offset is None else offset, "offset")
+
+
+def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, *,
+            seed: Optional[int] = None, offset: Optional[int] = None) -> Tensor:
+    """Drop each element with probability p and scale the rest by 1/(1 - p); identity when not training.
+
+    A drop-in for torch.nn.functional.dropout (same arguments and errors, `input` itself returned when not
+    training; inplace=True writes the result into `input`, for compatibility: it saves no memory), plus the
+    draw: `seed` and `offset` (64-bit ints; offset defaults to 0) pick the mask, else a fresh draw is taken
+    from torch's default CPU generator. float32, float64, float16 and bfloat16 inputs of any shape.
+    """
+    p = _check_p(p)
+    if not training:
+        return input
+    seed, offset = _seed_offset(seed, offset)
+    out = _ops_ns.dropout(input, p, seed, offset)
+    return input.copy_(out) if inplace else out
+
+
+def bias_dropout_add(x: Tensor, bias: Tensor, residual: Tensor, p: float = 0.5, training: bool = True, *,
+                     seed: Optional[int] = None, offset: Optional[int] = None) -> Tensor:
+    """residual + dropout(x + bias, p) in one pass (the transformer block's epilogue).
+
+    `bias` has shape [x.shape[-1]], `residual` x's shape, all three one dtype and device. The sum x + bias
+    is not rounded to the storage type before the mask (it stays float32 for half types). When not training:
+    residual + (x + bias). Gradients: dx = dropout's backward, dbias = dx summed over all but the last dim
+    (in a fixed order, so it does not depend on the thread count), dresidual = the incoming gradient.
+    """
+    p = _check_p(p)
+    if not training:
+        return residual + (x + bias)
+    seed, offset = _seed_offset(seed, offset)
+    return _ops_ns.bias_dropout_add(x, bias, residual, p, seed, offset)
+
+
+def dropout_keep_bits(input: Tensor, p: float, *, seed: int, offset: int = 0) -> Tensor:
+    """The keep mask dropout(input, p, seed=seed, offset=offset) applies, packed 1 bit per element.
+
+    A uint8 tensor of ceil(input.numel() / 8) bytes on input's device; bit k (value 2^k, little-endian bit
+    order) of byte j is 1 iff element 8j + k (row-major logical index) is kept. Bits past numel are 0.
+    Equals numpy.packbits(fusedopt.reference.keep_mask(seed, offset, numel, 1 - p), bitorder="little").
+    """
+    p = _check_p(p)
+    return _ops_ns.dropout_keep_bits(input, p, _int64(seed, "seed"), _int64(offset, "offset"))
+
+
+def unpack_keep_bits(bits: Tensor, numel: int) -> Tensor:
+    """The bool mask of `numel` elements packed by dropout_keep_bits."""
+    shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
+    return ((bits.unsqueeze(-1) >> shifts) & 1).bool().reshape(-1)[:numel]

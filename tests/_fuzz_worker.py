@@ -1,0 +1,246 @@
+"""Hypothesis over the surface of the CPU optimizer ops (and stream_), run by tests/test_bad_input.py in a
+subprocess so that a crash fails that test instead of killing pytest.
+
+    python tests/_fuzz_worker.py --examples 200 --isas DEFAULT,AVX2,AVX512 [--seed N] [--last-call FILE]
+
+Each example builds a call from random list lengths, shapes, dtypes, layouts (contiguous, transposed,
+strided, expanded, offset, sparse), aliasing, steps, indices, AMP tensors, ISA and scalars (NaN, ±inf,
+negative, huge), and accepts exactly two outcomes:
+- RuntimeError / ValueError / TypeError, with every tensor passed keeping its bits;
+- success, with every step advanced by one (none if found_inf was set and non-zero).
+Before each call its description is written to --last-call, so a crash can be traced to its input.
+Prints "fuzzed <n> optimizer calls: ..." on success; a falsifying example makes hypothesis raise (exit 1).
+"""
+import argparse
+import faulthandler
+import math
+import os
+import sys
+
+import torch
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
+
+import fusedopt._ext  # noqa: F401  (registers torch.ops.fusedopt.*)
+
+OPS = torch.ops.fusedopt
+STATE_LISTS = {"sgd": 1, "adagrad": 1, "rmsprop": 3, "adam": 3}
+GOOD_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+BAD_DTYPES = [torch.int32, torch.int64, torch.complex64, torch.bool, torch.uint8]
+SPECIAL = [0.0, -0.0, 1e-3, 0.5, 0.9, 0.999, 1.0, 2.0, -1.0, -1e-8, math.nan, math.inf, -math.inf, 1e300, -1e300,
+           5e-324, 1e-45, 3.4e38]
+ALLOWED = (RuntimeError, ValueError, TypeError)
+
+scalars = st.one_of(st.sampled_from(SPECIAL), st.floats(allow_nan=True, allow_infinity=True),
+                    st.floats(min_value=0, max_value=1))
+ints = st.one_of(st.sampled_from([0, 1, 5, -1, 2**24 - 1, 2**24, 2**31, 2**63 - 1, -(2**63)]),
+                 st.integers(-(2**64), 2**64))
+
+
+def values(draw, shape, dtype):
+    """Random normal values with some specials mixed in, in `dtype`."""
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(draw(st.integers(0, 2**31))),
+                    dtype=torch.float64)
+    if t.numel() and draw(st.booleans()):
+        flat = t.view(-1)
+        for _ in range(draw(st.integers(1, 3))):
+            flat[draw(st.integers(0, t.numel() - 1))] = draw(st.sampled_from(SPECIAL))
+    if dtype.is_complex:
+        return t.to(dtype)
+    if dtype == torch.bool:
+        return t > 0
+    if not dtype.is_floating_point:
+        return torch.nan_to_num(t, nan=0.0, posinf=7.0, neginf=-7.0).clamp(-100, 100).to(dtype)
+    return t.to(dtype)
+
+
+def tensor(draw, numel, dtype, pool):
+    """A tensor of about `numel` elements in some layout; sometimes a view of (or the same as) a pooled one."""
+    kind = draw(st.sampled_from(["contiguous"] * 6 + ["shape2d", "transposed", "strided", "expanded", "offset",
+                                                      "sparse", "alias", "view_of", "numel_off", "requires_grad"]))
+    if kind == "alias" and pool:
+        return draw(st.sampled_from(pool))
+    if kind == "view_of" and pool:
+        base = draw(st.sampled_from(pool))
+        if base.layout == torch.strided and base.dim() == 1 and base.numel() > 1:
+            start = draw(st.integers(0, base.numel() - 1))
+            return base[start:start + draw(st.integers(0, base.numel()))]
+    if kind == "numel_off":
+        numel = max(0, numel + draw(st.sampled_from([-1, 1, 5])))
+    t = values(draw, (numel,), dtype)
+    if kind == "shape2d" and numel % 5 == 0:
+        t = t.view(5, numel // 5)
+    elif kind == "transposed" and numel % 5 == 0 and numel > 5:
+        t = t.view(numel // 5, 5).t()
+    elif kind == "strided":
+        t = values(draw, (2 * numel,), dtype)[::2]
+    elif kind == "expanded" and numel > 0:
+        t = t[:1].expand(numel)
+    elif kind == "offset":
+        t = values(draw, (numel + 3,), dtype)[3:]
+    elif kind == "sparse" and dtype != torch.bool:
+        t = t.to_sparse()
+    elif kind == "requires_grad" and (dtype.is_floating_point or dtype.is_complex):
+        t.requires_grad_(True)
+    return t
+
+
+def tensor_list(draw, numels, dtype, pool, name):
+    n = len(numels)
+    length = draw(st.sampled_from([n] * 12 + [max(n - 1, 0), n + 1, 0]))
+    out = []
+    for j in range(length):
+        dt = dtype if draw(st.integers(0, 15)) else draw(st.sampled_from(GOOD_DTYPES + BAD_DTYPES))
+        t = tensor(draw, numels[j] if j < n else 3, dt, pool)
+        out.append(t)
+        pool.append(t)
+    if out and draw(st.integers(0, 30)) == 0:
+        out[draw(st.integers(0, len(out) - 1))] = None  # not a Tensor: the binding's TypeError
+    return out
+
+
+def step_tensor(draw, pool):
+    kind = draw(st.sampled_from(["good"] * 8 + ["dtype", "shape", "value", "alias"]))
+    if kind == "alias" and pool:
+        base = draw(st.sampled_from(pool))
+        if base.layout == torch.strided and base.numel() >= 1 and base.dim() >= 1:
+            return base.view(-1)[0] if base.is_contiguous() else base
+    dtype = draw(st.sampled_from(GOOD_DTYPES + [torch.int64])) if kind == "dtype" else \
+        draw(st.sampled_from([torch.float32, torch.float64]))
+    shape = draw(st.sampled_from([(2,), (0,), (1, 1, 2)])) if kind == "shape" else draw(st.sampled_from([(), (1,)]))
+    value = draw(st.sampled_from([-1.0, 0.5, math.nan, math.inf, 1e15, 1e20, 2.0**53])) if kind == "value" else \
+        float(draw(st.integers(0, 10)))
+    return torch.full(shape, value, dtype=torch.float64).to(dtype)
+
+
+def amp_tensor(draw):
+    kind = draw(st.sampled_from(["none"] * 4 + ["good", "good", "zero", "dtype", "shape"]))
+    if kind == "none":
+        return None
+    if kind == "zero":
+        return torch.zeros(1)
+    dtype = draw(st.sampled_from([torch.float64, torch.int32, torch.float16])) if kind == "dtype" else torch.float32
+    shape = draw(st.sampled_from([(0,), (2,), (1, 2)])) if kind == "shape" else draw(st.sampled_from([(), (1,)]))
+    return torch.full(shape, draw(st.sampled_from(SPECIAL)), dtype=torch.float64).to(dtype)
+
+
+def optimizer_call(draw, isas):
+    opt = draw(st.sampled_from(list(STATE_LISTS)))
+    n = draw(st.integers(0, 4))
+    numels = [draw(st.sampled_from([0, 1, 5, 7, 35, 70, 257])) for _ in range(n)]
+    dtype = draw(st.sampled_from(GOOD_DTYPES * 3 + BAD_DTYPES))
+    pool = []
+    params = tensor_list(draw, numels, dtype, pool, "params")
+    grads = tensor_list(draw, numels, dtype, pool, "grads")
+    states = [tensor_list(draw, numels, dtype, pool, f"state{k}") if draw(st.booleans()) else []
+              for k in range(STATE_LISTS[opt])]
+    steps = [step_tensor(draw, pool) for _ in range(draw(st.sampled_from([n] * 8 + [n + 1, max(n - 1, 0)])))]
+    indices = [draw(ints) if draw(st.integers(0, 9)) == 0 else j
+               for j in range(draw(st.sampled_from([n] * 8 + [n + 1])))]
+    kw = {"lr": draw(scalars)}
+    for name in ["weight_decay", "l1_decay", "grad_keep_prob"] + {
+            "sgd": ["momentum", "dampening"], "adagrad": ["lr_decay", "eps"],
+            "rmsprop": ["alpha", "eps", "momentum"], "adam": ["beta1", "beta2", "eps"]}[opt]:
+        if draw(st.booleans()):
+            kw[name] = draw(scalars)
+    for name in ["decoupled_weight_decay", "maximize"] + {
+            "sgd": ["nesterov", "ema_momentum"], "adagrad": [], "rmsprop": ["centered"],
+            "adam": ["amsgrad", "eps_inside_sqrt"]}[opt]:
+        if draw(st.booleans()):
+            kw[name] = draw(st.booleans())
+    if draw(st.booleans()):
+        kw["grad_mask_seed"] = draw(ints)
+    kw["grad_scale"], kw["found_inf"] = amp_tensor(draw), amp_tensor(draw)
+    isa = draw(st.sampled_from(isas + ["", "bogus"]))
+    args = [params, grads, *states, steps, indices]
+    return opt + "_", args, kw, isa
+
+
+def describe(op, args, kw, isa):
+    def t(x):
+        if not isinstance(x, torch.Tensor):
+            return repr(x)
+        return (f"T({x.dtype}, {tuple(x.shape)}, stride={x.stride() if x.layout == torch.strided else 'sparse'}, "
+                f"offset={x.storage_offset() if x.layout == torch.strided else 0}, "
+                f"ptr={x.data_ptr() if x.layout == torch.strided else 0:#x})")
+    lists = ", ".join("[" + ", ".join(t(x) for x in a) + "]" for a in args[:-1])
+    opts = ", ".join(f"{k}={t(v)}" for k, v in kw.items())
+    return f"FUSEDOPT_CPU_ISA={isa!r} torch.ops.fusedopt.{op}({lists}, {args[-1]!r}, {opts})"
+
+
+def bits(x):
+    if not isinstance(x, torch.Tensor):
+        return None
+    x = x.detach()
+    x = x.to_dense() if x.layout != torch.strided else x
+    return x.contiguous().reshape(-1).view(torch.uint8).clone()
+
+
+def run(op, args, kw, isa, last_call):
+    if last_call:
+        with open(last_call, "w") as f:
+            f.write(describe(op, args, kw, isa) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    os.environ["FUSEDOPT_CPU_ISA"] = isa
+    tensors = [x for a in args[:-1] for x in a] + [kw["grad_scale"], kw["found_inf"]]
+    before = [bits(x) for x in tensors]
+    steps_before = [s.detach().clone() if isinstance(s, torch.Tensor) else None for s in args[-2]]
+    try:
+        getattr(OPS, op)(*args, **kw)
+    except ALLOWED:
+        for j, (x, b) in enumerate(zip(tensors, before)):
+            assert b is None or torch.equal(bits(x), b), f"a failed call modified tensor {j}"
+        return "raised"
+    # with no parameter the op reads nothing, found_inf included
+    skipped = bool(args[-2]) and kw["found_inf"] is not None and kw["found_inf"].item() != 0
+    for s, b in zip(args[-2], steps_before):
+        expected = b if skipped else b + 1
+        assert torch.equal(s, expected), f"step {b} became {s}, expected {expected}"
+    return "ran"
+
+
+def stream_call(draw):
+    numel = draw(st.sampled_from([0, 1, 7, 64, 1000]))
+    pool = []
+    a = tensor(draw, numel, draw(st.sampled_from([torch.float32] * 4 + [torch.float64, torch.int32])), pool)
+    pool.append(a)
+    b = tensor(draw, numel, draw(st.sampled_from([torch.float32] * 4 + [torch.float16])), pool)
+    return a, b, draw(scalars)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--examples", type=int, default=200)
+    parser.add_argument("--isas", default="DEFAULT")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--last-call", default=None)
+    a = parser.parse_args()
+    faulthandler.enable()
+    isas = a.isas.split(",")
+    outcomes = {"ran": 0, "raised": 0}
+
+    @settings(max_examples=a.examples, derandomize=a.seed is None, database=None, deadline=None,
+              suppress_health_check=list(HealthCheck), print_blob=True)
+    @given(st.data())
+    def fuzz(data):
+        if data.draw(st.integers(0, 19), label="stream?") == 0:
+            x, y, s = stream_call(data.draw)
+            try:
+                OPS.stream_(x, y, s)
+            except ALLOWED:
+                pass
+            return
+        op, args, kw, isa = optimizer_call(data.draw, isas)
+        outcomes[run(op, args, kw, isa, a.last_call)] += 1
+
+    if a.seed is not None:
+        fuzz = seed(a.seed)(fuzz)
+    fuzz()
+    print(f"fuzzed {outcomes['ran'] + outcomes['raised']} optimizer calls: {outcomes['ran']} ran, "
+          f"{outcomes['raised']} raised")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
