@@ -56,29 +56,31 @@ TORCH_LIBRARY_FRAGMENT(fusedopt, m) {
 // ---------------------------------------------------------------------------
 // Dropout (DESIGN.md §6; CPU kernels in csrc/cpu/dropout_ops.cpp, CUDA in
 // csrc/cuda/dropout.cu, fakes and autograd in fusedopt/nn/_ops.py). Element i
-// (row-major logical index) of the draw (seed, offset) is kept with
-// probability 1 - p; the output is contiguous. Nothing but (p, seed, offset)
-// is needed to regenerate a mask.
+// (row-major logical index) of a draw is kept with probability 1 - p; outputs
+// are contiguous. A draw is an int64 CPU tensor (seed, offset) (Note [Dropout
+// draw]); nothing but (p, draw) is needed to regenerate a mask.
 TORCH_LIBRARY_FRAGMENT(fusedopt, m) {
+  // A fresh draw from torch's default CPU generator; increments the int64 counter `draws`
+  m.def("dropout_seed(Tensor(a!) draws) -> Tensor", {at::Tag::nondeterministic_seeded});
   // y = x · keep / (1 - p)   (Note [Dropout formula])
-  m.def("dropout(Tensor x, float p, int seed, int offset) -> Tensor");
+  m.def("dropout(Tensor x, float p, Tensor draw) -> Tensor");
   // dx = dy · keep / (1 - p)
-  m.def("dropout_backward(Tensor grad, float p, int seed, int offset) -> Tensor");
+  m.def("dropout_backward(Tensor grad, float p, Tensor draw) -> Tensor");
   // y = residual + dropout(x + bias); bias: [x.size(-1)], residual: x's shape
-  m.def("bias_dropout_add(Tensor x, Tensor bias, Tensor residual, float p, int seed, int offset) -> Tensor");
+  m.def("bias_dropout_add(Tensor x, Tensor bias, Tensor residual, float p, Tensor draw) -> Tensor");
   // (dx, dbias): dx = dropout(dy), dbias = dx summed over all but the last dimension
-  m.def("bias_dropout_add_backward(Tensor grad, float p, int seed, int offset) -> (Tensor, Tensor)");
+  m.def("bias_dropout_add_backward(Tensor grad, float p, Tensor draw) -> (Tensor, Tensor)");
   // uint8 [ceil(x.numel() / 8)], bit k of byte j = keep of element 8j + k, on x's device
-  m.def("dropout_keep_bits(Tensor x, float p, int seed, int offset) -> Tensor");
-  // Tests only: Philox4x32-10 of int64 [n, 4] counter words under key (seed lo, seed hi)
+  m.def("dropout_keep_bits(Tensor x, float p, Tensor draw) -> Tensor");
+  // Tests only: Philox4x32-10 of int64 [n, 4] counter words under the key (seed lo, seed hi)
   m.def("_philox(Tensor counters, int seed) -> Tensor");
-  // Tests only: the CUDA bodies run on the host over the CUDA launch plan, grid capped at max_grid
-  m.def("_gridemu_dropout(Tensor x, float p, int seed, int offset, int max_grid) -> Tensor");
-  m.def("_gridemu_bias_dropout_add(Tensor x, Tensor bias, Tensor residual, float p, int seed, int offset, "
+  // Tests only: the CUDA bodies run on the host over the CUDA launch plan, the grid capped at max_grid
+  m.def("_gridemu_dropout(Tensor x, float p, Tensor draw, int max_grid) -> Tensor");
+  m.def("_gridemu_bias_dropout_add(Tensor x, Tensor bias, Tensor residual, float p, Tensor draw, "
         "int max_grid) -> Tensor");
-  m.def("_gridemu_bias_dropout_add_backward(Tensor grad, float p, int seed, int offset, int max_grid) -> "
+  m.def("_gridemu_bias_dropout_add_backward(Tensor grad, float p, Tensor draw, int max_grid) -> "
         "(Tensor, Tensor)");
-  m.def("_gridemu_dropout_keep_bits(Tensor x, float p, int seed, int offset, int max_grid) -> Tensor");
+  m.def("_gridemu_dropout_keep_bits(Tensor x, float p, Tensor draw, int max_grid) -> Tensor");
 }
 // ---------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ Before each call its description is written to --last-call, so a crash can be tr
 Prints "fuzzed <n> optimizer calls: ..." on success; a falsifying example makes hypothesis raise (exit 1).
 """
 import argparse
+import collections
 import faulthandler
 import math
 import os
@@ -35,6 +36,33 @@ scalars = st.one_of(st.sampled_from(SPECIAL), st.floats(allow_nan=True, allow_in
                     st.floats(min_value=0, max_value=1))
 ints = st.one_of(st.sampled_from([0, 1, 5, -1, 2**24 - 1, 2**24, 2**31, 2**63 - 1, -(2**63)]),
                  st.integers(-(2**64), 2**64))
+# Valid ranges of each float option (torch's), from which a well-formed call draws.
+VALID = {"lr": (0, 1), "weight_decay": (0, 1), "l1_decay": (0, 1), "grad_keep_prob": (1e-3, 1),
+         "momentum": (0, 0.99), "dampening": (0, 1), "lr_decay": (0, 1), "eps": (0, 1e-3), "alpha": (0, 1),
+         "beta1": (0, 0.999), "beta2": (0, 0.999)}
+FLOAT_OPTIONS = {"sgd": ["momentum", "dampening"], "adagrad": ["lr_decay", "eps"],
+                 "rmsprop": ["alpha", "eps", "momentum"], "adam": ["beta1", "beta2", "eps"]}
+BOOL_OPTIONS = {"sgd": ["nesterov", "ema_momentum"], "adagrad": [], "rmsprop": ["centered"],
+                "adam": ["amsgrad", "eps_inside_sqrt"]}
+
+
+def used_lists(opt, kw):
+    """Which state lists this configuration uses (the rest must be empty)."""
+    return {"sgd": [kw.get("momentum", 0) != 0], "adagrad": [True],
+            "rmsprop": [True, kw.get("centered", False), kw.get("momentum", 0) > 0],
+            "adam": [True, True, kw.get("amsgrad", False)]}[opt]
+
+
+class Odd:
+    """Draws whether to break something, at this example's rate (most examples break little or nothing)."""
+
+    def __init__(self, draw):
+        self.draw = draw
+        self.rate = draw(st.sampled_from([0, 0, 0, 10, 30, 100, 300]))  # per mille
+
+    def __call__(self):
+        # hypothesis favours small integers, so the top of the range is the rare side
+        return self.rate > 0 and self.draw(st.integers(0, 999)) >= 1000 - self.rate
 
 
 def values(draw, shape, dtype):
@@ -54,10 +82,10 @@ def values(draw, shape, dtype):
     return t.to(dtype)
 
 
-def tensor(draw, numel, dtype, pool):
-    """A tensor of about `numel` elements in some layout; sometimes a view of (or the same as) a pooled one."""
-    kind = draw(st.sampled_from(["contiguous"] * 6 + ["shape2d", "transposed", "strided", "expanded", "offset",
-                                                      "sparse", "alias", "view_of", "numel_off", "requires_grad"]))
+def tensor(draw, odd, numel, dtype, pool):
+    """A tensor of `numel` elements; when odd, in some other layout, or a view of (or the same as) a pooled one."""
+    kind = draw(st.sampled_from(["shape2d", "transposed", "strided", "expanded", "offset", "sparse", "alias",
+                                 "view_of", "numel_off", "requires_grad", "dtype"])) if odd() else "contiguous"
     if kind == "alias" and pool:
         return draw(st.sampled_from(pool))
     if kind == "view_of" and pool:
@@ -67,8 +95,10 @@ def tensor(draw, numel, dtype, pool):
             return base[start:start + draw(st.integers(0, base.numel()))]
     if kind == "numel_off":
         numel = max(0, numel + draw(st.sampled_from([-1, 1, 5])))
+    if kind == "dtype":
+        dtype = draw(st.sampled_from(GOOD_DTYPES + BAD_DTYPES))
     t = values(draw, (numel,), dtype)
-    if kind == "shape2d" and numel % 5 == 0:
+    if kind == "shape2d" and numel % 5 == 0:  # legal: only the element count must agree
         t = t.view(5, numel // 5)
     elif kind == "transposed" and numel % 5 == 0 and numel > 5:
         t = t.view(numel // 5, 5).t()
@@ -76,7 +106,7 @@ def tensor(draw, numel, dtype, pool):
         t = values(draw, (2 * numel,), dtype)[::2]
     elif kind == "expanded" and numel > 0:
         t = t[:1].expand(numel)
-    elif kind == "offset":
+    elif kind == "offset":  # legal: unaligned
         t = values(draw, (numel + 3,), dtype)[3:]
     elif kind == "sparse" and dtype != torch.bool:
         t = t.to_sparse()
@@ -85,22 +115,23 @@ def tensor(draw, numel, dtype, pool):
     return t
 
 
-def tensor_list(draw, numels, dtype, pool, name):
+def tensor_list(draw, odd, numels, dtype, pool, used=True):
     n = len(numels)
-    length = draw(st.sampled_from([n] * 12 + [max(n - 1, 0), n + 1, 0]))
+    length = n if used else 0
+    if odd():
+        length = draw(st.sampled_from([max(n - 1, 0), n + 1, 0, n]))
     out = []
     for j in range(length):
-        dt = dtype if draw(st.integers(0, 15)) else draw(st.sampled_from(GOOD_DTYPES + BAD_DTYPES))
-        t = tensor(draw, numels[j] if j < n else 3, dt, pool)
+        t = tensor(draw, odd, numels[j] if j < n else 3, dtype, pool)
         out.append(t)
         pool.append(t)
-    if out and draw(st.integers(0, 30)) == 0:
+    if out and odd() and odd():
         out[draw(st.integers(0, len(out) - 1))] = None  # not a Tensor: the binding's TypeError
     return out
 
 
-def step_tensor(draw, pool):
-    kind = draw(st.sampled_from(["good"] * 8 + ["dtype", "shape", "value", "alias"]))
+def step_tensor(draw, odd, pool):
+    kind = draw(st.sampled_from(["dtype", "shape", "value", "alias"])) if odd() else "good"
     if kind == "alias" and pool:
         base = draw(st.sampled_from(pool))
         if base.layout == torch.strided and base.numel() >= 1 and base.dim() >= 1:
@@ -109,51 +140,48 @@ def step_tensor(draw, pool):
         draw(st.sampled_from([torch.float32, torch.float64]))
     shape = draw(st.sampled_from([(2,), (0,), (1, 1, 2)])) if kind == "shape" else draw(st.sampled_from([(), (1,)]))
     value = draw(st.sampled_from([-1.0, 0.5, math.nan, math.inf, 1e15, 1e20, 2.0**53])) if kind == "value" else \
-        float(draw(st.integers(0, 10)))
+        float(draw(st.sampled_from([0, 1, 2, 10, 1000, 2**24 + 1])))
     return torch.full(shape, value, dtype=torch.float64).to(dtype)
 
 
-def amp_tensor(draw):
-    kind = draw(st.sampled_from(["none"] * 4 + ["good", "good", "zero", "dtype", "shape"]))
+def amp_tensor(draw, odd):
+    kind = draw(st.sampled_from(["none", "none", "good", "zero"]))
+    if odd():
+        kind = draw(st.sampled_from(["dtype", "shape", "special"]))
     if kind == "none":
         return None
     if kind == "zero":
         return torch.zeros(1)
     dtype = draw(st.sampled_from([torch.float64, torch.int32, torch.float16])) if kind == "dtype" else torch.float32
     shape = draw(st.sampled_from([(0,), (2,), (1, 2)])) if kind == "shape" else draw(st.sampled_from([(), (1,)]))
-    return torch.full(shape, draw(st.sampled_from(SPECIAL)), dtype=torch.float64).to(dtype)
+    value = draw(st.sampled_from(SPECIAL)) if kind == "special" else draw(st.sampled_from([1.0, 2.0**16, 3.0]))
+    return torch.full(shape, value, dtype=torch.float64).to(dtype)
 
 
 def optimizer_call(draw, isas):
+    odd = Odd(draw)
     opt = draw(st.sampled_from(list(STATE_LISTS)))
-    n = draw(st.integers(0, 4))
-    numels = [draw(st.sampled_from([0, 1, 5, 7, 35, 70, 257])) for _ in range(n)]
-    dtype = draw(st.sampled_from(GOOD_DTYPES * 3 + BAD_DTYPES))
-    pool = []
-    params = tensor_list(draw, numels, dtype, pool, "params")
-    grads = tensor_list(draw, numels, dtype, pool, "grads")
-    states = [tensor_list(draw, numels, dtype, pool, f"state{k}") if draw(st.booleans()) else []
-              for k in range(STATE_LISTS[opt])]
-    steps = [step_tensor(draw, pool) for _ in range(draw(st.sampled_from([n] * 8 + [n + 1, max(n - 1, 0)])))]
-    indices = [draw(ints) if draw(st.integers(0, 9)) == 0 else j
-               for j in range(draw(st.sampled_from([n] * 8 + [n + 1])))]
-    kw = {"lr": draw(scalars)}
-    for name in ["weight_decay", "l1_decay", "grad_keep_prob"] + {
-            "sgd": ["momentum", "dampening"], "adagrad": ["lr_decay", "eps"],
-            "rmsprop": ["alpha", "eps", "momentum"], "adam": ["beta1", "beta2", "eps"]}[opt]:
-        if draw(st.booleans()):
-            kw[name] = draw(scalars)
-    for name in ["decoupled_weight_decay", "maximize"] + {
-            "sgd": ["nesterov", "ema_momentum"], "adagrad": [], "rmsprop": ["centered"],
-            "adam": ["amsgrad", "eps_inside_sqrt"]}[opt]:
+    kw = {}
+    for name in ["lr", "weight_decay", "l1_decay", "grad_keep_prob"] + FLOAT_OPTIONS[opt]:
+        if name == "lr" or draw(st.booleans()):
+            kw[name] = draw(scalars) if odd() else draw(st.floats(*VALID[name]))
+    for name in ["decoupled_weight_decay", "maximize"] + BOOL_OPTIONS[opt]:
         if draw(st.booleans()):
             kw[name] = draw(st.booleans())
     if draw(st.booleans()):
-        kw["grad_mask_seed"] = draw(ints)
-    kw["grad_scale"], kw["found_inf"] = amp_tensor(draw), amp_tensor(draw)
-    isa = draw(st.sampled_from(isas + ["", "bogus"]))
-    args = [params, grads, *states, steps, indices]
-    return opt + "_", args, kw, isa
+        kw["grad_mask_seed"] = draw(ints) if odd() else draw(st.integers(-(2**63), 2**63 - 1))
+    n = 0 if odd() else draw(st.integers(1, 4))
+    numels = [draw(st.sampled_from([7, 35, 257, 1, 5, 70, 0])) for _ in range(n)]
+    dtype = draw(st.sampled_from(BAD_DTYPES)) if odd() else draw(st.sampled_from(GOOD_DTYPES))
+    pool = []
+    params = tensor_list(draw, odd, numels, dtype, pool)
+    grads = tensor_list(draw, odd, numels, dtype, pool)
+    states = [tensor_list(draw, odd, numels, dtype, pool, used) for used in used_lists(opt, kw)]
+    steps = [step_tensor(draw, odd, pool) for _ in range(n + 1 if odd() else n)]
+    indices = [draw(ints) if odd() else j for j in range(n + 1 if odd() else n)]
+    kw["grad_scale"], kw["found_inf"] = amp_tensor(draw, odd), amp_tensor(draw, odd)
+    isa = draw(st.sampled_from(["", "bogus", "avx2"])) if odd() else draw(st.sampled_from(isas))
+    return opt + "_", [params, grads, *states, steps, indices], kw, isa
 
 
 def describe(op, args, kw, isa):
@@ -173,7 +201,7 @@ def bits(x):
         return None
     x = x.detach()
     x = x.to_dense() if x.layout != torch.strided else x
-    return x.contiguous().reshape(-1).view(torch.uint8).clone()
+    return x.reshape(-1).clone(memory_format=torch.contiguous_format).view(torch.uint8)
 
 
 def run(op, args, kw, isa, last_call):
@@ -188,10 +216,10 @@ def run(op, args, kw, isa, last_call):
     steps_before = [s.detach().clone() if isinstance(s, torch.Tensor) else None for s in args[-2]]
     try:
         getattr(OPS, op)(*args, **kw)
-    except ALLOWED:
+    except ALLOWED as e:
         for j, (x, b) in enumerate(zip(tensors, before)):
             assert b is None or torch.equal(bits(x), b), f"a failed call modified tensor {j}"
-        return "raised"
+        return type(e).__name__ + ": " + str(e).split("\n")[0][:170]
     # with no parameter the op reads nothing, found_inf included
     skipped = bool(args[-2]) and kw["found_inf"] is not None and kw["found_inf"].item() != 0
     for s, b in zip(args[-2], steps_before):
@@ -203,9 +231,10 @@ def run(op, args, kw, isa, last_call):
 def stream_call(draw):
     numel = draw(st.sampled_from([0, 1, 7, 64, 1000]))
     pool = []
-    a = tensor(draw, numel, draw(st.sampled_from([torch.float32] * 4 + [torch.float64, torch.int32])), pool)
+    odd = Odd(draw)
+    a = tensor(draw, odd, numel, torch.float32, pool)
     pool.append(a)
-    b = tensor(draw, numel, draw(st.sampled_from([torch.float32] * 4 + [torch.float16])), pool)
+    b = tensor(draw, odd, numel, torch.float32, pool)
     return a, b, draw(scalars)
 
 
@@ -218,7 +247,7 @@ def main():
     a = parser.parse_args()
     faulthandler.enable()
     isas = a.isas.split(",")
-    outcomes = {"ran": 0, "raised": 0}
+    outcomes = collections.Counter()
 
     @settings(max_examples=a.examples, derandomize=a.seed is None, database=None, deadline=None,
               suppress_health_check=list(HealthCheck), print_blob=True)
@@ -237,8 +266,10 @@ def main():
     if a.seed is not None:
         fuzz = seed(a.seed)(fuzz)
     fuzz()
-    print(f"fuzzed {outcomes['ran'] + outcomes['raised']} optimizer calls: {outcomes['ran']} ran, "
-          f"{outcomes['raised']} raised")
+    total = sum(outcomes.values())
+    print(f"fuzzed {total} optimizer calls: {outcomes['ran']} ran, {total - outcomes['ran']} raised")
+    for what, count in outcomes.most_common():
+        print(f"{count:5d}  {what}")
     return 0
 
 

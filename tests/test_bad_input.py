@@ -35,7 +35,7 @@ class Call:
         gen = torch.Generator().manual_seed(0)
         rand = lambda k: torch.randn(k, generator=gen, dtype=torch.float64).to(dtype)  # noqa: E731
         self.opt = opt
-        self.kwargs = dict(lr=0.1, **(ALL_STATES[opt] | options))
+        self.kwargs = {"lr": 0.1} | ALL_STATES[opt] | options
         self.lists = {"params": [rand(k) for k in sizes], "grads": [rand(k) for k in sizes]}
         for name, used in STATE_LISTS[opt].items():
             self.lists[name] = [rand(k).abs() for k in sizes] if fill_all or used(self.kwargs) else []
@@ -52,7 +52,7 @@ class Call:
 
 def _bits(t):
     t = t.to_dense() if t.layout != torch.strided else t
-    return t.detach().contiguous().reshape(-1).view(torch.uint8).clone()
+    return t.detach().reshape(-1).clone(memory_format=torch.contiguous_format).view(torch.uint8)
 
 
 def expect_error(call, match):
@@ -326,7 +326,7 @@ def test_empty_lists_never_touch_the_amp_tensors():
         f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
 
 
-FUZZ_EXAMPLES = 200
+FUZZ_EXAMPLES = 300
 
 
 def test_fuzz_op_surface(isas, tmp_path):

@@ -1,10 +1,12 @@
 // CPU implementations of the dropout ops (DESIGN.md §6), their grid
 // emulation (the CUDA bodies of dropout_body.h run on the host over the CUDA
 // launch plan) and `_philox`, a test hook on the vector Philox rounds.
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <mutex>
 #include <string>
 
 #include "fusedopt/dispatch.h"
@@ -72,22 +74,39 @@ struct CpuRun {
 
 constexpr auto kCPU = c10::DeviceType::CPU;
 
-at::Tensor dropout(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
-  return dropout_op("dropout", kCPU, CpuRun{}, x, p, seed, offset);
+at::Tensor dropout(const at::Tensor& x, double p, const at::Tensor& draw) {
+  return dropout_op("dropout", kCPU, CpuRun{}, x, p, draw);
 }
-at::Tensor dropout_backward(const at::Tensor& grad, double p, int64_t seed, int64_t offset) {
-  return dropout_op("dropout_backward", kCPU, CpuRun{}, grad, p, seed, offset);
+at::Tensor dropout_backward(const at::Tensor& grad, double p, const at::Tensor& draw) {
+  return dropout_op("dropout_backward", kCPU, CpuRun{}, grad, p, draw);
 }
 at::Tensor bias_dropout_add(const at::Tensor& x, const at::Tensor& bias, const at::Tensor& residual, double p,
-                            int64_t seed, int64_t offset) {
-  return bias_dropout_add_op("bias_dropout_add", kCPU, CpuRun{}, x, bias, residual, p, seed, offset);
+                            const at::Tensor& draw) {
+  return bias_dropout_add_op("bias_dropout_add", kCPU, CpuRun{}, x, bias, residual, p, draw);
 }
-std::tuple<at::Tensor, at::Tensor> bias_dropout_add_backward(const at::Tensor& grad, double p, int64_t seed,
-                                                             int64_t offset) {
-  return bias_dropout_add_backward_op("bias_dropout_add_backward", kCPU, CpuRun{}, grad, p, seed, offset);
+std::tuple<at::Tensor, at::Tensor> bias_dropout_add_backward(const at::Tensor& grad, double p,
+                                                             const at::Tensor& draw) {
+  return bias_dropout_add_backward_op("bias_dropout_add_backward", kCPU, CpuRun{}, grad, p, draw);
 }
-at::Tensor dropout_keep_bits(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
-  return keep_bits_op("dropout_keep_bits", kCPU, CpuRun{}, x, p, seed, offset);
+at::Tensor dropout_keep_bits(const at::Tensor& x, double p, const at::Tensor& draw) {
+  return keep_bits_op("dropout_keep_bits", kCPU, CpuRun{}, x, p, draw);
+}
+
+// A fresh draw from torch's default CPU generator (Note [Dropout draw]): two
+// 64-bit outputs, taken under the generator's lock together with the
+// increment of `draws` (an int64 scalar counting the draws so far).
+at::Tensor dropout_seed(const at::Tensor& draws) {
+  TORCH_CHECK(draws.device().is_cpu() && draws.scalar_type() == at::kLong && draws.numel() == 1,
+              "dropout_seed: draws must be an int64 CPU tensor of one element, got ", draws.scalar_type(), " ",
+              draws.sizes(), " on ", draws.device());
+  at::Tensor out = at::empty({2}, at::TensorOptions().dtype(at::kLong));
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  auto* impl = at::check_generator<at::CPUGeneratorImpl>(gen);
+  out.data_ptr<int64_t>()[0] = static_cast<int64_t>(impl->random64());
+  out.data_ptr<int64_t>()[1] = static_cast<int64_t>(impl->random64());
+  *draws.data_ptr<int64_t>() += 1;
+  return out;
 }
 
 // Philox4x32-10 of rows of counter words: int64 [n, 4] (values in [0, 2^32))
@@ -152,25 +171,23 @@ void check_grid(int64_t max_grid) {
   TORCH_CHECK(max_grid >= 1, "_gridemu: max_grid must be at least 1, got ", max_grid);
 }
 
-at::Tensor emu_dropout(const at::Tensor& x, double p, int64_t seed, int64_t offset, int64_t max_grid) {
+at::Tensor emu_dropout(const at::Tensor& x, double p, const at::Tensor& draw, int64_t max_grid) {
   check_grid(max_grid);
-  return dropout_op("_gridemu_dropout", kCPU, EmuRun{max_grid}, x, p, seed, offset);
+  return dropout_op("_gridemu_dropout", kCPU, EmuRun{max_grid}, x, p, draw);
 }
 at::Tensor emu_bias_dropout_add(const at::Tensor& x, const at::Tensor& bias, const at::Tensor& residual, double p,
-                                int64_t seed, int64_t offset, int64_t max_grid) {
+                                const at::Tensor& draw, int64_t max_grid) {
   check_grid(max_grid);
-  return bias_dropout_add_op("_gridemu_bias_dropout_add", kCPU, EmuRun{max_grid}, x, bias, residual, p, seed,
-                             offset);
+  return bias_dropout_add_op("_gridemu_bias_dropout_add", kCPU, EmuRun{max_grid}, x, bias, residual, p, draw);
 }
-std::tuple<at::Tensor, at::Tensor> emu_bias_dropout_add_backward(const at::Tensor& grad, double p, int64_t seed,
-                                                                 int64_t offset, int64_t max_grid) {
+std::tuple<at::Tensor, at::Tensor> emu_bias_dropout_add_backward(const at::Tensor& grad, double p, const at::Tensor& draw,
+                                                                 int64_t max_grid) {
   check_grid(max_grid);
-  return bias_dropout_add_backward_op("_gridemu_bias_dropout_add_backward", kCPU, EmuRun{max_grid}, grad, p, seed,
-                                      offset);
+  return bias_dropout_add_backward_op("_gridemu_bias_dropout_add_backward", kCPU, EmuRun{max_grid}, grad, p, draw);
 }
-at::Tensor emu_keep_bits(const at::Tensor& x, double p, int64_t seed, int64_t offset, int64_t max_grid) {
+at::Tensor emu_keep_bits(const at::Tensor& x, double p, const at::Tensor& draw, int64_t max_grid) {
   check_grid(max_grid);
-  return keep_bits_op("_gridemu_dropout_keep_bits", kCPU, EmuRun{max_grid}, x, p, seed, offset);
+  return keep_bits_op("_gridemu_dropout_keep_bits", kCPU, EmuRun{max_grid}, x, p, draw);
 }
 
 }  // namespace
@@ -181,6 +198,7 @@ TORCH_LIBRARY_IMPL(fusedopt, CPU, m) {
   m.impl("bias_dropout_add", &bias_dropout_add);
   m.impl("bias_dropout_add_backward", &bias_dropout_add_backward);
   m.impl("dropout_keep_bits", &dropout_keep_bits);
+  m.impl("dropout_seed", &dropout_seed);
   m.impl("_philox", &philox);
   m.impl("_gridemu_dropout", &emu_dropout);
   m.impl("_gridemu_bias_dropout_add", &emu_bias_dropout_add);

@@ -173,4 +173,13 @@ TORCH_LIBRARY_IMPL(fusedopt, CPU, m) {
   m.impl("stream_", &stream_);
 }
 
+// A sparse gradient dispatches here; gather() rejects it with a plain message
+// instead of the dispatcher's "could not run with SparseCPU".
+TORCH_LIBRARY_IMPL(fusedopt, SparseCPU, m) {
+  m.impl("sgd_", &sgd_);
+  m.impl("adagrad_", &adagrad_);
+  m.impl("rmsprop_", &rmsprop_);
+  m.impl("adam_", &adam_);
+}
+
 }  // namespace fusedopt::cpu

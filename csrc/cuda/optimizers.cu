@@ -1,32 +1,19 @@
 // CUDA implementations of the optimizer ops and stream_: validate (the same
-// code as the CPU ops, fusedopt/calls.h), plan the launches and run the
-// per-chunk bodies of fusedopt/mta.h, on the current stream of the params'
-// device. Only the __global__ shells and the launches live here; everything a
-// kernel computes is host+device code that tests/test_gridemu.py runs on the
-// CPU (Note [Launch plan], Note [Chunk body]).
+// code as the CPU ops, fusedopt/calls.h), then launch the per-chunk bodies of
+// fusedopt/mta.h (update_<opt>.cu) and the step kernel on the current stream
+// of the params' device. Only the __global__ shells and the launches are
+// CUDA-only; everything a kernel computes is host+device code that
+// tests/test_gridemu.py runs on the CPU (Note [Launch plan], Note [Chunk body]).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "fusedopt/calls.h"
-#include "fusedopt/mta.h"
-
-#if !defined(CUDART_VERSION) || CUDART_VERSION < 12010
-#error "fusedopt's CUDA kernels need CUDA 12.1 or newer: their launch tables use 32 KB kernel arguments (Note [Kernel arguments] in fusedopt/mta.h)"
-#endif
+#include "update.cuh"
 
 namespace fusedopt::cuda {
 namespace {
-
-constexpr size_t kMaxArgBytes = 32764;  // CUDA 12.1+, sm_70+
-
-// One block per chunk of the launch plan; the arguments stay in the constant
-// bank (__grid_constant__: a block's run-time slot index reads them in place).
-template <typename Body>
-__global__ void __launch_bounds__(mta::kThreads, 2) update_kernel(const __grid_constant__ typename Body::Args args) {
-  Body::run(args, blockIdx.x, threadIdx.x, blockDim.x);
-}
 
 __global__ void __launch_bounds__(mta::kStepThreads) step_kernel(const __grid_constant__ mta::StepArgs args) {
   mta::step_chunk(args, blockIdx.x, threadIdx.x, blockDim.x);
@@ -36,27 +23,19 @@ const float* scalar_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<float>() : nullptr;
 }
 
+// The update launches, then the step launches (Note [Steps on the device]).
 template <typename Hyper>
 void run(const OptimizerCall<Hyper>& call, const at::Tensor& first, at::TensorList steps,
          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   if (call.tensors.empty()) return;
   const c10::cuda::CUDAGuard guard(first.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(first.device().index());
-  const float* scale = scalar_ptr(grad_scale);
-  const float* inf = scalar_ptr(found_inf);
-  mta::with_body(call, [&](auto body) {
-    using Body = decltype(body);
-    static_assert(sizeof(typename Body::Args) <= kMaxArgBytes, "launch table exceeds the kernel argument space");
-    mta::for_each_launch<Body>(call, steps, scale, inf, mta::cuda_limits<Body::N>(),
-                               [&](const typename Body::Args& args) {
-                                 update_kernel<Body><<<args.tab.blocks, mta::kThreads, 0, stream>>>(args);
-                                 C10_CUDA_KERNEL_LAUNCH_CHECK();
-                               });
-  });
+  const Launch l{c10::cuda::getCurrentCUDAStream(first.device().index()), steps, scalar_ptr(grad_scale),
+                 scalar_ptr(found_inf)};
+  update(call, l);
   static_assert(sizeof(mta::StepArgs) <= kMaxArgBytes, "step table exceeds the kernel argument space");
-  mta::for_each_step_launch(steps, inf, mta::StepTable::K, mta::kStepThreads,
+  mta::for_each_step_launch(steps, l.found_inf, mta::StepTable::K, mta::kStepThreads,
                             [&](const mta::StepArgs& args, int64_t blocks) {
-                              step_kernel<<<blocks, mta::kStepThreads, 0, stream>>>(args);
+                              step_kernel<<<blocks, mta::kStepThreads, 0, l.stream>>>(args);
                               C10_CUDA_KERNEL_LAUNCH_CHECK();
                             });
 }

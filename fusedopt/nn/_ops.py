@@ -1,6 +1,7 @@
 """Fakes (for torch.compile) and autograd of the dropout ops; the schemas live in csrc/registration.cpp.
 
-Each op's backward needs only (p, seed, offset), which are op inputs: the mask is regenerated, never saved.
+Each op's backward needs only p and the draw (an int64 CPU tensor (seed, offset)), which are op inputs: the mask
+is regenerated, never saved.
 """
 import torch
 
@@ -18,35 +19,41 @@ def _check_bias_shapes(x, bias, residual):
                          f"got {list(residual.shape)}")
 
 
+@torch.library.register_fake("fusedopt::dropout_seed")
+def _dropout_seed_fake(draws):
+    return torch.empty(2, dtype=torch.int64, device="cpu")
+
+
 @torch.library.register_fake("fusedopt::dropout")
-def _dropout_fake(x, p, seed, offset):
+def _dropout_fake(x, p, draw):
     return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("fusedopt::dropout_backward")
-def _dropout_backward_fake(grad, p, seed, offset):
+def _dropout_backward_fake(grad, p, draw):
     return grad.new_empty(grad.shape)
 
 
 @torch.library.register_fake("fusedopt::bias_dropout_add")
-def _bias_dropout_add_fake(x, bias, residual, p, seed, offset):
+def _bias_dropout_add_fake(x, bias, residual, p, draw):
     _check_bias_shapes(x, bias, residual)
     return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("fusedopt::bias_dropout_add_backward")
-def _bias_dropout_add_backward_fake(grad, p, seed, offset):
+def _bias_dropout_add_backward_fake(grad, p, draw):
     torch._check(grad.dim() >= 1, lambda: "bias_dropout_add_backward: grad must have at least one dimension")
     return grad.new_empty(grad.shape), grad.new_empty(grad.shape[-1:])
 
 
 @torch.library.register_fake("fusedopt::dropout_keep_bits")
-def _keep_bits_fake(x, p, seed, offset):
+def _keep_bits_fake(x, p, draw):
     return x.new_empty(((x.numel() + 7) // 8,), dtype=torch.uint8)
 
 
-def _save_draw(ctx, p, seed, offset):
-    ctx.p, ctx.seed, ctx.offset = p, seed, offset
+def _save_draw(ctx, p, draw):
+    ctx.p = p
+    ctx.save_for_backward(draw)
 
 
 # dropout and dropout_backward are the same linear map x -> x·m (m = keep / (1 - p)); each is the other's
@@ -56,7 +63,7 @@ def _dropout_setup(ctx, inputs, output):
 
 
 def _dropout_grad(ctx, grad):
-    return _ops.dropout_backward(grad, ctx.p, ctx.seed, ctx.offset), None, None, None
+    return _ops.dropout_backward(grad, ctx.p, *ctx.saved_tensors), None, None
 
 
 torch.library.register_autograd("fusedopt::dropout", _dropout_grad, setup_context=_dropout_setup)
@@ -68,8 +75,8 @@ def _bias_dropout_add_setup(ctx, inputs, output):
 
 
 def _bias_dropout_add_grad(ctx, grad):
-    dx, dbias = _ops.bias_dropout_add_backward(grad, ctx.p, ctx.seed, ctx.offset)
-    return dx, dbias, grad, None, None, None
+    dx, dbias = _ops.bias_dropout_add_backward(grad, ctx.p, *ctx.saved_tensors)
+    return dx, dbias, grad, None, None
 
 
 torch.library.register_autograd("fusedopt::bias_dropout_add", _bias_dropout_add_grad,
@@ -82,7 +89,7 @@ def _bias_dropout_add_backward_setup(ctx, inputs, output):
 
 
 def _bias_dropout_add_backward_grad(ctx, gdx, gdbias):
-    return _ops.dropout_backward(gdx + gdbias, ctx.p, ctx.seed, ctx.offset), None, None, None
+    return _ops.dropout_backward(gdx + gdbias, ctx.p, *ctx.saved_tensors), None, None
 
 
 torch.library.register_autograd("fusedopt::bias_dropout_add_backward", _bias_dropout_add_backward_grad,

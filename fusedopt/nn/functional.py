@@ -12,8 +12,9 @@ rounded once to the input's dtype. For float32 this is bit for bit torch's CPU n
 same mask. The output is contiguous whatever the input's strides.
 
 Without an explicit `seed`, every call draws a fresh (seed, offset) from torch's default CPU generator
-(also for CUDA inputs), so `torch.manual_seed` makes runs reproducible and a CPU and a CUDA run of one
-program draw the same masks.
+(two 64-bit outputs; also for CUDA inputs), so `torch.manual_seed` makes runs reproducible and a CPU and a CUDA run of one program draw the
+same masks. Under torch.compile that draw stays in the graph as a random op, in program order: a compiled
+module draws the masks eager mode draws, without graph breaks.
 """
 import operator
 from typing import Optional
@@ -50,19 +51,18 @@ def _int64(v, name: str) -> int:
     return v - 2**64 if v >= 2**63 else v
 
 
-@torch.compiler.disable
-def _draw() -> tuple[int, int]:
-    """A fresh (seed, offset) from torch's default CPU generator (two int64 draws), outside any graph."""
-    seed, offset = torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64).tolist()
-    return seed, offset
+# Draws taken by dropout_seed so far: its increment chains the calls in program order (Note [Dropout draw]).
+_DRAWS = torch.zeros((), dtype=torch.int64)
 
 
-def _seed_offset(seed, offset) -> tuple[int, int]:
+def _draw(seed, offset) -> Tensor:
+    """The draw tensor (seed, offset): the given words, or a fresh pair from torch's default CPU generator."""
     if seed is None:
         if offset is not None:
             raise ValueError("offset given without a seed")
-        return _draw()
-    return _int64(seed, "seed"), _int64(0 if offset is None else offset, "offset")
+        return _ops_ns.dropout_seed(_DRAWS)
+    return torch.tensor([_int64(seed, "seed"), _int64(0 if offset is None else offset, "offset")],
+                        dtype=torch.int64)
 
 
 def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, *,
@@ -77,8 +77,7 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
     p = _check_p(p)
     if not training:
         return input
-    seed, offset = _seed_offset(seed, offset)
-    out = _ops_ns.dropout(input, p, seed, offset)
+    out = _ops_ns.dropout(input, p, _draw(seed, offset))
     return input.copy_(out) if inplace else out
 
 
@@ -94,8 +93,7 @@ def bias_dropout_add(x: Tensor, bias: Tensor, residual: Tensor, p: float = 0.5, 
     p = _check_p(p)
     if not training:
         return residual + (x + bias)
-    seed, offset = _seed_offset(seed, offset)
-    return _ops_ns.bias_dropout_add(x, bias, residual, p, seed, offset)
+    return _ops_ns.bias_dropout_add(x, bias, residual, p, _draw(seed, offset))
 
 
 def dropout_keep_bits(input: Tensor, p: float, *, seed: int, offset: int = 0) -> Tensor:
@@ -106,7 +104,7 @@ def dropout_keep_bits(input: Tensor, p: float, *, seed: int, offset: int = 0) ->
     Equals numpy.packbits(fusedopt.reference.keep_mask(seed, offset, numel, 1 - p), bitorder="little").
     """
     p = _check_p(p)
-    return _ops_ns.dropout_keep_bits(input, p, _int64(seed, "seed"), _int64(offset, "offset"))
+    return _ops_ns.dropout_keep_bits(input, p, _draw(seed, offset))
 
 
 def unpack_keep_bits(bits: Tensor, numel: int) -> Tensor:

@@ -12,9 +12,7 @@ void adagrad(const OptimizerCall<math::AdagradHyper>& call) {
         const auto pre = math::make_pre<S>(call.common, call.grad_scale, call.scaled);
         const auto c = math::adagrad_consts<S>(call.common, call.hyper, t.step);
         return [=](auto* x, auto keep) {
-          x[1] = math::prelude<DECAY, MASK>(x[1], x[0], keep, pre);
-          math::adagrad_rule(x[0], x[1], x[2], c);
-          math::epilogue<DECAY>(x[0], pre);
+          math::adagrad_step<DECAY, MASK>(x, keep, pre, c);
         };
       });
     });

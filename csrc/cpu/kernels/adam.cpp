@@ -14,9 +14,7 @@ void adam(const OptimizerCall<math::AdamHyper>& call) {
           const auto pre = math::make_pre<S>(call.common, call.grad_scale, call.scaled);
           const auto c = math::adam_consts<S>(call.common, call.hyper, t.step);
           return [=](auto* x, auto keep) {
-            x[1] = math::prelude<DECAY, MASK>(x[1], x[0], keep, pre);
-            math::adam_rule<AMSGRAD>(x[0], x[1], x[2], x[3], x[N - 1], c);
-            math::epilogue<DECAY>(x[0], pre);
+            math::adam_step<DECAY, MASK, AMSGRAD>(x, keep, pre, c);
           };
         });
       });

@@ -18,9 +18,7 @@ void sgd(const OptimizerCall<math::SgdHyper>& call) {
                 const auto pre = math::make_pre<S>(call.common, call.grad_scale, call.scaled);
                 const auto c = math::sgd_consts<S>(call.common, call.hyper, t.step);
                 return [=](auto* x, auto keep) {
-                  x[1] = math::prelude<DECAY, MASK>(x[1], x[0], keep, pre);
-                  math::sgd_rule<MOMENTUM, NESTEROV, EMA>(x[0], x[1], x[N - 1], c);
-                  math::epilogue<DECAY>(x[0], pre);
+                  math::sgd_step<DECAY, MASK, MOMENTUM, NESTEROV, EMA>(x, keep, pre, c);
                 };
               });
             }

@@ -65,6 +65,8 @@ inline math::Common make_common(double lr, double weight_decay, double l1_decay,
   check_hyper(std::isfinite(weight_decay) && weight_decay >= 0, "weight_decay", weight_decay);
   check_hyper(std::isfinite(l1_decay) && l1_decay >= 0, "l1_decay", l1_decay);
   check_hyper(grad_keep_prob > 0 && grad_keep_prob <= 1, "grad_keep_prob", grad_keep_prob);
+  TORCH_CHECK(philox::keep_threshold(grad_keep_prob) > 0, "fusedopt: grad_keep_prob=", grad_keep_prob,
+              " keeps no element (P(keep) rounds to 0 at 2^-32 resolution)");
   math::Common c;
   c.lr = lr;
   c.weight_decay = weight_decay;

@@ -31,12 +31,27 @@ struct DropoutCall {
   void* partial = nullptr;  // op-math [row blocks][h] (Note [dbias row blocks])
 };
 
-// Keep probability r = 1 − p; the threshold and scale of Note [Dropout formula].
-inline DropoutCall make_dropout_call(const char* op, double p, int64_t seed, int64_t offset) {
+// Note [Dropout draw]
+// A draw is an int64 CPU tensor of two elements, (seed, offset), read on the
+// host whatever the input's device. fusedopt::dropout_seed(draws) takes a
+// fresh one from torch's default CPU generator and increments `draws`, a
+// global int64 counter (fusedopt/nn/functional.py). The mutation matters
+// under torch.compile: the call stays in the graph (no graph break, no
+// recompilation per value), and since every call reads the counter the
+// previous one wrote, no two calls are ever merged (AOTAutograd's CSE ignores
+// the nondeterministic_seeded tag) and they run in program order, so a
+// compiled module draws the masks eager mode draws. The backward gets the
+// same draw tensor: the mask is regenerated, never saved.
+inline DropoutCall make_dropout_call(const char* op, double p, const at::Tensor& draw) {
   TORCH_CHECK(p >= 0 && p <= 1, op, ": dropout probability has to be between 0 and 1, but got ", p);
+  TORCH_CHECK(draw.defined(), op, ": draw is undefined");
+  TORCH_CHECK(draw.device().is_cpu() && draw.scalar_type() == at::kLong && draw.numel() == 2, op,
+              ": draw must be an int64 CPU tensor of two elements (seed, offset), got ", draw.scalar_type(), " ",
+              draw.sizes(), " on ", draw.device());
+  const at::Tensor d = draw.contiguous();
   DropoutCall c;
-  c.seed = static_cast<uint64_t>(seed);
-  c.offset = static_cast<uint64_t>(offset);
+  c.seed = static_cast<uint64_t>(d.data_ptr<int64_t>()[0]);
+  c.offset = static_cast<uint64_t>(d.data_ptr<int64_t>()[1]);
   c.threshold = philox::keep_threshold(1.0 - p);
   c.scale = p < 1 ? 1.0 / (1.0 - p) : 0.0;
   return c;
@@ -56,8 +71,8 @@ inline at::Tensor dropout_input(const char* op, const char* name, const at::Tens
 
 template <typename Run>
 at::Tensor dropout_op(const char* op, c10::DeviceType device, const Run& run, const at::Tensor& x, double p,
-                      int64_t seed, int64_t offset) {
-  DropoutCall c = make_dropout_call(op, p, seed, offset);
+                      const at::Tensor& draw) {
+  DropoutCall c = make_dropout_call(op, p, draw);
   const at::Tensor xc = dropout_input(op, "input", x, device);
   at::Tensor y = at::empty(xc.sizes(), xc.options());
   c.dtype = xc.scalar_type();
@@ -70,9 +85,8 @@ at::Tensor dropout_op(const char* op, c10::DeviceType device, const Run& run, co
 
 template <typename Run>
 at::Tensor bias_dropout_add_op(const char* op, c10::DeviceType device, const Run& run, const at::Tensor& x,
-                               const at::Tensor& bias, const at::Tensor& residual, double p, int64_t seed,
-                               int64_t offset) {
-  DropoutCall c = make_dropout_call(op, p, seed, offset);
+                               const at::Tensor& bias, const at::Tensor& residual, double p, const at::Tensor& draw) {
+  DropoutCall c = make_dropout_call(op, p, draw);
   const at::Tensor xc = dropout_input(op, "input", x, device);
   const at::Tensor bc = dropout_input(op, "bias", bias, device);
   const at::Tensor rc = dropout_input(op, "residual", residual, device);
@@ -105,8 +119,8 @@ at::Tensor bias_dropout_add_op(const char* op, c10::DeviceType device, const Run
 template <typename Run>
 std::tuple<at::Tensor, at::Tensor> bias_dropout_add_backward_op(const char* op, c10::DeviceType device,
                                                                 const Run& run, const at::Tensor& grad,
-                                                                double p, int64_t seed, int64_t offset) {
-  DropoutCall c = make_dropout_call(op, p, seed, offset);
+                                                                double p, const at::Tensor& draw) {
+  DropoutCall c = make_dropout_call(op, p, draw);
   const at::Tensor gc = dropout_input(op, "grad", grad, device);
   TORCH_CHECK(gc.dim() >= 1, op, ": grad must have at least one dimension");
   at::Tensor dx = at::empty(gc.sizes(), gc.options());
@@ -131,8 +145,8 @@ std::tuple<at::Tensor, at::Tensor> bias_dropout_add_backward_op(const char* op, 
 // of the draw (seed, offset) at probability p, on x's device.
 template <typename Run>
 at::Tensor keep_bits_op(const char* op, c10::DeviceType device, const Run& run, const at::Tensor& x, double p,
-                        int64_t seed, int64_t offset) {
-  DropoutCall c = make_dropout_call(op, p, seed, offset);
+                        const at::Tensor& draw) {
+  DropoutCall c = make_dropout_call(op, p, draw);
   TORCH_CHECK(x.defined() && x.device().type() == device, op, ": expected a tensor on ", device);
   c.n = x.numel();
   at::Tensor bits = at::empty({(c.n + 7) / 8}, x.options().dtype(at::kByte));

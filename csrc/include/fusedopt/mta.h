@@ -240,11 +240,11 @@ FUSEDOPT_HD inline uint32_t keep_bits(const math::Common& c, uint64_t offset, in
 // Thread `tid` of `threads` in block `block` of a launch: finds its slot and
 // chunk, reads the step, grad_scale and found_inf, builds the element body
 // make_body(t, pre) and runs it over elements begin + (tid + k·threads)·G of
-// the chunk, G at a time: x[e][0] = θ, x[e][1] = g, x[e][2..] = state, as
-// op-math values, exactly as the CPU kernels' bodies see them. The element
-// results never depend on the path (vector or scalar), the block size or the
+// the chunk, G at a time, one element at a time: x[0] = θ, x[1] = g, x[2..] =
+// state, as op-math values, exactly as the CPU kernels' bodies see them. The
+// results never depend on the path (16-byte or scalar), the block size or the
 // plan: every element goes through the same scalar operations. The gradient is
-// written back only when unscaled (AMP), and then as g / grad_scale (§4 step 1).
+// stored only when AMP unscaled it (x[1] = g / grad_scale after the body).
 template <typename scalar_t, int N, bool MASK, typename A, typename MakeBody>
 FUSEDOPT_HD inline void optimizer_chunk(const A& a, int64_t block, int64_t tid, int64_t threads,
                                         const MakeBody& make_body) {
@@ -286,9 +286,7 @@ FUSEDOPT_HD inline void optimizer_chunk(const A& a, int64_t block, int64_t tid, 
       S x[N];
       FUSEDOPT_UNROLL
       for (int k = 0; k < N; ++k) x[k] = static_cast<S>(v[k].v[e]);
-      const S unscaled = scaled ? x[1] / pre.scale : x[1];
       body(x, MASK ? S((bits >> e) & 1u) : S(1));
-      x[1] = unscaled;
       FUSEDOPT_UNROLL
       for (int k = 0; k < N; ++k) v[k].v[e] = static_cast<scalar_t>(x[k]);
     }
@@ -306,8 +304,8 @@ FUSEDOPT_HD inline void optimizer_chunk(const A& a, int64_t block, int64_t tid, 
   }
 }
 
-// The per-chunk bodies, one per optimizer and compile-time variant. Each reads
-// like its CPU kernel in csrc/cpu/kernels/: prelude, rule, epilogue from math/.
+// The per-chunk bodies, one per optimizer and compile-time variant: the
+// element step is math::<opt>_step, exactly what the CPU kernels call.
 
 template <typename scalar_t, bool MASK, math::Decay D, bool MOMENTUM, bool NESTEROV, bool EMA>
 struct SgdChunk {
@@ -317,11 +315,7 @@ struct SgdChunk {
   FUSEDOPT_HD static void run(const Args& a, int64_t block, int64_t tid, int64_t threads) {
     optimizer_chunk<scalar_t, N, MASK>(a, block, tid, threads, [&](int64_t t, const math::Pre<S>& pre) {
       const auto c = math::sgd_consts<S>(a.common, a.hyper, t);
-      return [=](S* x, S keep) {
-        x[1] = math::prelude<D, MASK>(x[1], x[0], keep, pre);
-        math::sgd_rule<MOMENTUM, NESTEROV, EMA>(x[0], x[1], x[N - 1], c);
-        math::epilogue<D>(x[0], pre);
-      };
+      return [=](S* x, S keep) { math::sgd_step<D, MASK, MOMENTUM, NESTEROV, EMA>(x, keep, pre, c); };
     });
   }
 };
@@ -334,11 +328,7 @@ struct AdagradChunk {
   FUSEDOPT_HD static void run(const Args& a, int64_t block, int64_t tid, int64_t threads) {
     optimizer_chunk<scalar_t, N, MASK>(a, block, tid, threads, [&](int64_t t, const math::Pre<S>& pre) {
       const auto c = math::adagrad_consts<S>(a.common, a.hyper, t);
-      return [=](S* x, S keep) {
-        x[1] = math::prelude<D, MASK>(x[1], x[0], keep, pre);
-        math::adagrad_rule(x[0], x[1], x[2], c);
-        math::epilogue<D>(x[0], pre);
-      };
+      return [=](S* x, S keep) { math::adagrad_step<D, MASK>(x, keep, pre, c); };
     });
   }
 };
@@ -352,11 +342,7 @@ struct RmspropChunk {
   FUSEDOPT_HD static void run(const Args& a, int64_t block, int64_t tid, int64_t threads) {
     optimizer_chunk<scalar_t, N, MASK>(a, block, tid, threads, [&](int64_t t, const math::Pre<S>& pre) {
       const auto c = math::rmsprop_consts<S>(a.common, a.hyper, t);
-      return [=](S* x, S keep) {
-        x[1] = math::prelude<D, MASK>(x[1], x[0], keep, pre);
-        math::rmsprop_rule<CENTERED, MOMENTUM>(x[0], x[1], x[2], x[CENTERED ? 3 : 2], x[N - 1], c);
-        math::epilogue<D>(x[0], pre);
-      };
+      return [=](S* x, S keep) { math::rmsprop_step<D, MASK, CENTERED, MOMENTUM>(x, keep, pre, c); };
     });
   }
 };
@@ -369,11 +355,7 @@ struct AdamChunk {
   FUSEDOPT_HD static void run(const Args& a, int64_t block, int64_t tid, int64_t threads) {
     optimizer_chunk<scalar_t, N, MASK>(a, block, tid, threads, [&](int64_t t, const math::Pre<S>& pre) {
       const auto c = math::adam_consts<S>(a.common, a.hyper, t);
-      return [=](S* x, S keep) {
-        x[1] = math::prelude<D, MASK>(x[1], x[0], keep, pre);
-        math::adam_rule<AMSGRAD>(x[0], x[1], x[2], x[3], x[N - 1], c);
-        math::epilogue<D>(x[0], pre);
-      };
+      return [=](S* x, S keep) { math::adam_step<D, MASK, AMSGRAD>(x, keep, pre, c); };
     });
   }
 };

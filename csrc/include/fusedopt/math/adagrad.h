@@ -26,5 +26,13 @@ FUSEDOPT_HD inline void adagrad_rule(V& p, V g, V& sum, const AdagradConsts<S>& 
   p = fo::fma(V(c.neg_clr), g / (fo::sqrt(sum) + V(c.eps)), p);  // θ ← θ − clr·g / (√s + ε)
 }
 
+// The whole element step. x[0] = θ, x[1] = g (unscaled in place), x[2] = s.
+template <Decay D, bool MASK, typename V, typename S>
+FUSEDOPT_HD inline void adagrad_step(V* x, V keep, const Pre<S>& pre, const AdagradConsts<S>& c) {
+  const V g = prelude<D, MASK>(x[1], x[0], keep, pre);
+  adagrad_rule(x[0], g, x[2], c);
+  epilogue<D>(x[0], pre);
+}
+
 }  // namespace math
 }  // namespace fusedopt

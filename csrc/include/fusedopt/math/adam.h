@@ -44,5 +44,14 @@ FUSEDOPT_HD inline void adam_rule(V& p, V g, V& m, V& v, V& vmax, const AdamCons
   p = fo::fma(V(c.neg_step_size), m / d, p);  // θ ← θ − (lr/bc1)·m/d
 }
 
+// The whole element step. x[0] = θ, x[1] = g (unscaled in place), x[2] = m,
+// x[3] = v, x[4] = v̂ (AMSGRAD).
+template <Decay D, bool MASK, bool AMSGRAD, typename V, typename S>
+FUSEDOPT_HD inline void adam_step(V* x, V keep, const Pre<S>& pre, const AdamConsts<S>& c) {
+  const V g = prelude<D, MASK>(x[1], x[0], keep, pre);
+  adam_rule<AMSGRAD>(x[0], g, x[2], x[3], x[AMSGRAD ? 4 : 3], c);
+  epilogue<D>(x[0], pre);
+}
+
 }  // namespace math
 }  // namespace fusedopt

@@ -63,10 +63,13 @@ FUSEDOPT_HD inline Pre<S> make_pre(const Common& c, float grad_scale, bool scale
 }
 
 // Steps 1-4 of §4 on the gradient, and the decoupled shrink of θ (step 5a).
-// `keep` is the Bernoulli draw m ∈ {0, 1} for these elements (MASK only).
+// `grad` is unscaled in place (what AMP writes back to .grad); the gradient
+// the rule uses is returned. `keep` is the Bernoulli draw m ∈ {0, 1} for
+// these elements (MASK only).
 template <Decay D, bool MASK, typename V, typename S>
-FUSEDOPT_HD inline V prelude(V g, V& p, V keep, const Pre<S>& c) {
-  if (c.scaled) g = g / V(c.scale);
+FUSEDOPT_HD inline V prelude(V& grad, V& p, V keep, const Pre<S>& c) {
+  if (c.scaled) grad = grad / V(c.scale);
+  V g = grad;
   if (c.maximize) g = fo::neg(g);
   if (MASK) g = keep * g / V(c.keep_prob);  // g ← m·g / r
   if (D == Decay::coupled) {

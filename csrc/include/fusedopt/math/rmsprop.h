@@ -40,5 +40,14 @@ FUSEDOPT_HD inline void rmsprop_rule(V& p, V g, V& v, V& a, V& b, const RmspropC
   }
 }
 
+// The whole element step. x[0] = θ, x[1] = g (unscaled in place), x[2] = v,
+// then a (CENTERED), then b (MOMENTUM).
+template <Decay D, bool MASK, bool CENTERED, bool MOMENTUM, typename V, typename S>
+FUSEDOPT_HD inline void rmsprop_step(V* x, V keep, const Pre<S>& pre, const RmspropConsts<S>& c) {
+  const V g = prelude<D, MASK>(x[1], x[0], keep, pre);
+  rmsprop_rule<CENTERED, MOMENTUM>(x[0], g, x[2], x[CENTERED ? 3 : 2], x[MOMENTUM ? 3 + CENTERED : 2], c);
+  epilogue<D>(x[0], pre);
+}
+
 }  // namespace math
 }  // namespace fusedopt

@@ -38,5 +38,13 @@ FUSEDOPT_HD inline void sgd_rule(V& p, V g, V& b, const SgdConsts<S>& c) {
   p = fo::fma(V(c.neg_lr), g, p);  // θ ← θ − lr·g
 }
 
+// The whole element step. x[0] = θ, x[1] = g (unscaled in place), x[2] = b.
+template <Decay D, bool MASK, bool MOMENTUM, bool NESTEROV, bool EMA, typename V, typename S>
+FUSEDOPT_HD inline void sgd_step(V* x, V keep, const Pre<S>& pre, const SgdConsts<S>& c) {
+  const V g = prelude<D, MASK>(x[1], x[0], keep, pre);
+  sgd_rule<MOMENTUM, NESTEROV, EMA>(x[0], g, x[MOMENTUM ? 2 : 1], c);
+  epilogue<D>(x[0], pre);
+}
+
 }  // namespace math
 }  // namespace fusedopt

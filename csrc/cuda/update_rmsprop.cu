@@ -1,0 +1,8 @@
+// The RMSprop update kernels: every dtype and compile-time variant (update.cuh).
+#include "update.cuh"
+
+namespace fusedopt::cuda {
+
+void update(const OptimizerCall<math::RmspropHyper>& call, const Launch& l) { launch_updates(call, l); }
+
+}  // namespace fusedopt::cuda

@@ -1,0 +1,490 @@
+"""Dropout (DESIGN.md §6): Philox known answers, the kernels' masks against the numpy reference bit for bit, the
+CUDA bodies under grid emulation against the CPU kernels, and the Python API (autograd, torch.compile, errors)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fusedopt.nn as fnn
+import fusedopt.nn.functional as F
+import fusedopt.reference as ref
+from conftest import SUPPORTED_ISAS
+
+OPS = torch.ops.fusedopt
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+SIZES = [1, 7, 63, 64, 65, 127, 4099]
+KEEPS = [0.0, 0.1, 0.5, 0.9, 1.0]  # r = 1 - p
+# Offsets whose words carry: low word all ones, just past it, the top of the range.
+OFFSETS = [0, 2**32 - 1, 2**32, 2**64 - 1]
+SEED = 0x9E37_79B9_7F4A_7C15
+
+
+def _i64(v):
+    v %= 2**64
+    return v - 2**64 if v >= 2**63 else v
+
+
+def draw(seed=SEED, offset=0):
+    return torch.tensor([_i64(seed), _i64(offset)], dtype=torch.int64)
+
+
+def ref_mask(seed, offset, n, p):
+    return torch.from_numpy(ref.keep_mask(seed, offset, n, 1.0 - p))
+
+
+def opmath(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def expected_dropout(x, p, seed, offset):
+    """x·m in op-math, m = keep ? (S)(1/(1-p)) : 0, rounded once (Note [Dropout formula])."""
+    s = opmath(x.dtype)
+    scale = torch.tensor(1.0 / (1.0 - p) if p < 1 else 0.0, dtype=torch.float64).to(s)
+    m = torch.where(ref_mask(seed, offset, x.numel(), p).reshape(x.shape), scale, torch.zeros((), dtype=s))
+    return (x.to(s) * m).to(x.dtype), m
+
+
+def rand(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def assert_bitwise(a, b, what=""):
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)), what
+
+
+def misaligned(t):
+    """t's values in storage that starts one element past an allocation (not 16-byte aligned)."""
+    base = torch.empty(t.numel() + 1, dtype=t.dtype)
+    out = base[1:].view(t.shape)
+    out.copy_(t)
+    assert out.data_ptr() % 16 != 0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Philox: known answers (Random123 kat_vectors) and arbitrary counters, through every ISA's vector rounds.
+
+KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize("isa", SUPPORTED_ISAS)
+@pytest.mark.parametrize("counter, key, words", KAT)
+def test_philox_known_answers(isa, counter, key, words, use_isa):
+    use_isa(isa)
+    rows = 37  # two 16-lane vectors and a scalar tail
+    out = OPS._philox(torch.tensor([counter] * rows, dtype=torch.int64), _i64(key[0] | key[1] << 32))
+    assert out.tolist() == [list(words)] * rows
+
+
+@pytest.mark.parametrize("isa", SUPPORTED_ISAS)
+def test_philox_matches_reference(isa, use_isa):
+    use_isa(isa)
+    rng = np.random.default_rng(1)
+    ctr = rng.integers(0, 2**32, size=(1001, 4), dtype=np.uint64)
+    ctr[::7] = 0xFFFFFFFF  # carries in every word
+    for seed in [0, SEED, 2**64 - 1]:
+        out = OPS._philox(torch.from_numpy(ctr.astype(np.int64)), _i64(seed))
+        want = np.stack(ref.philox4x32_10(*ctr.T, seed & 0xFFFFFFFF, seed >> 32), axis=-1)
+        np.testing.assert_array_equal(out.numpy(), want.astype(np.int64))
+
+
+def test_philox_rejects_bad_counters():
+    with pytest.raises(RuntimeError, match=r"\[n, 4\]"):
+        OPS._philox(torch.zeros(3, 3, dtype=torch.int64), 0)
+    with pytest.raises(RuntimeError, match="2\\^32"):
+        OPS._philox(torch.full((1, 4), 2**32, dtype=torch.int64), 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The kernels' masks and outputs against the reference, bit for bit.
+
+@pytest.mark.parametrize("isa", SUPPORTED_ISAS)
+@pytest.mark.parametrize("n", SIZES + [278011])
+def test_keep_bits_are_the_reference_mask(isa, n, use_isa):
+    use_isa(isa)
+    for r in KEEPS:
+        for offset in OFFSETS:
+            for seed in [SEED, 2**64 - 1]:
+                bits = OPS.dropout_keep_bits(torch.empty(n), 1.0 - r, draw(seed, offset))
+                want = np.packbits(ref.keep_mask(seed, offset, n, r), bitorder="little")
+                np.testing.assert_array_equal(bits.numpy(), want, err_msg=f"r={r} offset={offset:#x}")
+
+
+@pytest.mark.parametrize("isa", SUPPORTED_ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", SIZES + [278011])
+def test_dropout_is_the_reference_mask(isa, dtype, n, use_isa):
+    use_isa(isa)
+    x = rand(n, dtype)
+    for p in [1.0 - r for r in KEEPS]:
+        for offset in [OFFSETS[1], OFFSETS[3]]:
+            want, _ = expected_dropout(x, p, SEED, offset)
+            assert_bitwise(OPS.dropout(x, p, draw(SEED, offset)), want, f"p={p} offset={offset:#x}")
+            assert_bitwise(OPS.dropout_backward(x, p, draw(SEED, offset)), want, f"backward p={p}")
+
+
+def test_fp32_is_torch_native_dropout_given_the_mask():
+    """(x·mask)·scale, torch's CPU native_dropout, with our mask: the same bits."""
+    x = rand(4099, torch.float32)
+    for p in [0.1, 0.3, 0.5, 0.9]:
+        mask = ref_mask(SEED, 5, x.numel(), p).float()
+        assert_bitwise(OPS.dropout(x, p, draw(SEED, 5)), x.mul(mask).mul_(1.0 / (1.0 - p)))
+
+
+def test_dropped_elements_follow_torch_on_signed_zeros_and_inf():
+    x = torch.tensor([-1.0, 2.0, float("inf"), float("-inf"), float("nan")] * 20)
+    y = OPS.dropout(x, 0.5, draw(SEED, 1))
+    keep = ref_mask(SEED, 1, x.numel(), 0.5)
+    want = x * torch.where(keep, 2.0, 0.0)  # x·0: -0 for negatives, NaN for ±inf
+    assert_bitwise(y, want)
+    assert_bitwise(OPS.dropout(x, 1.0, draw(SEED, 1)), x * 0.0)
+
+
+@pytest.mark.parametrize("isa", SUPPORTED_ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 16), (9, 64), (33, 17), (70, 100), (2, 3, 129)])
+def test_bias_dropout_add_is_the_composite(isa, dtype, shape, use_isa):
+    """residual + (x + bias)·m in op-math, rounded once; for fp32 bit for bit residual + F.dropout(x + bias)."""
+    use_isa(isa)
+    x, res, bias = rand(shape, dtype, 1), rand(shape, dtype, 2), rand(shape[-1], dtype, 3)
+    s = opmath(dtype)
+    for p in [0.0, 0.25, 0.5, 1.0]:
+        _, m = expected_dropout(x, p, SEED, 2**32 - 1)
+        want = (res.to(s) + (x.to(s) + bias.to(s)) * m).to(dtype)
+        assert_bitwise(OPS.bias_dropout_add(x, bias, res, p, draw(SEED, 2**32 - 1)), want, f"p={p}")
+
+
+def _dbias_in_order(d):
+    """dbias in the fixed order of Note [dbias row blocks], d being dx in op-math, [rows, h]."""
+    rows = d.shape[0]
+    per = max(32, -(-rows // 1024))
+    total = torch.zeros(d.shape[1], dtype=d.dtype)
+    for b0 in range(0, rows, per):
+        acc = torch.zeros(d.shape[1], dtype=d.dtype)
+        for r in range(b0, min(rows, b0 + per)):
+            acc = acc + d[r]
+        total = total + acc
+    return total
+
+
+@pytest.mark.parametrize("isa", SUPPORTED_ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 16), (40, 3), (70, 100), (2, 3, 129), (100, 2050)])
+def test_bias_dropout_add_backward(isa, dtype, shape, use_isa):
+    use_isa(isa)
+    g = rand(shape, dtype, 4)
+    p = 0.3
+    want_dx, m = expected_dropout(g, p, 77, 12)
+    dx, dbias = OPS.bias_dropout_add_backward(g, p, draw(77, 12))
+    assert_bitwise(dx, want_dx)
+    d = (g.to(opmath(dtype)) * m).reshape(-1, shape[-1])
+    assert_bitwise(dbias, _dbias_in_order(d).to(dtype))
+    torch.testing.assert_close(dbias.double(), d.double().sum(0).to(dtype).double(),
+                               rtol=1e-12 if dtype == torch.float64 else 1e-2, atol=1e-5 * d.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Grid emulation: the CUDA bodies (dropout_body.h) on the host, over the CUDA launch plan.
+
+GRIDS = [1, 3, 100000]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 5, 64, 4099, 278011])
+@pytest.mark.parametrize("mis", [False, True])
+def test_gridemu_dropout(dtype, n, mis):
+    x = rand(n, dtype)
+    x = misaligned(x) if mis else x
+    for grid in GRIDS:
+        for p in [0.0, 0.4, 1.0]:
+            want = OPS.dropout(x, p, draw(SEED, 2**32 - 1))
+            assert_bitwise(OPS._gridemu_dropout(x, p, draw(SEED, 2**32 - 1), grid), want, f"grid={grid} p={p}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 8), (33, 16), (9, 17), (300, 64), (2, 3, 130)])
+@pytest.mark.parametrize("mis", [False, True])
+def test_gridemu_bias_dropout_add(dtype, shape, mis):
+    x, res, bias = rand(shape, dtype, 1), rand(shape, dtype, 2), rand(shape[-1], dtype, 3)
+    if mis:
+        x, res, bias = misaligned(x), misaligned(res), misaligned(bias)
+    for grid in GRIDS:
+        want = OPS.bias_dropout_add(x, bias, res, 0.3, draw(5, 6))
+        assert_bitwise(OPS._gridemu_bias_dropout_add(x, bias, res, 0.3, draw(5, 6), grid), want, f"grid={grid}")
+        dx, db = OPS.bias_dropout_add_backward(x, 0.3, draw(5, 6))
+        edx, edb = OPS._gridemu_bias_dropout_add_backward(x, 0.3, draw(5, 6), grid)
+        assert_bitwise(edx, dx, f"dx grid={grid}")
+        assert_bitwise(edb, db, f"dbias grid={grid}")
+
+
+@pytest.mark.parametrize("n", [1, 9, 31, 32, 33, 64, 4099, 278011])
+def test_gridemu_keep_bits(n):
+    for grid in GRIDS:
+        for p in [0.0, 0.5, 1.0]:
+            want = OPS.dropout_keep_bits(torch.empty(n), p, draw(SEED, 2**64 - 1))
+            assert torch.equal(OPS._gridemu_dropout_keep_bits(torch.empty(n), p, draw(SEED, 2**64 - 1), grid), want)
+
+
+def test_gridemu_dbias_with_many_row_blocks():
+    """More rows than 1024 blocks of 32: the rows per block grow, the order stays fixed."""
+    g = rand((40000, 3), torch.float32)
+    dx, db = OPS.bias_dropout_add_backward(g, 0.5, draw(1, 2))
+    edx, edb = OPS._gridemu_bias_dropout_add_backward(g, 0.5, draw(1, 2), 7)
+    assert_bitwise(edx, dx)
+    assert_bitwise(edb, db)
+    _, m = expected_dropout(g, 0.5, 1, 2)
+    assert_bitwise(db, _dbias_in_order(g * m))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Statistics, threads, reproducibility.
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_rate_within_five_sigma(p):
+    n = 1 << 22
+    kept = int(torch.count_nonzero(F.dropout(torch.ones(n), p, seed=12345)))
+    r = 1.0 - p
+    assert abs(kept - n * r) <= 5 * math.sqrt(n * r * (1 - r))
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    x, res, bias = rand((700, 1500), torch.float32, 1), rand((700, 1500), torch.float32, 2), rand(1500, torch.float32)
+    outs = []
+    for threads in [1, 2, 3]:
+        torch.set_num_threads(threads)
+        outs.append([OPS.dropout(x, 0.5, draw(1, 2)), OPS.bias_dropout_add(x, bias, res, 0.5, draw(1, 2)),
+                     *OPS.bias_dropout_add_backward(x, 0.5, draw(1, 2)), OPS.dropout_keep_bits(x, 0.5, draw(1, 2))])
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert_bitwise(a, b)
+
+
+def test_manual_seed_makes_runs_reproducible():
+    x = torch.randn(10, 100)
+    d = fnn.Dropout(0.5)
+
+    def run():
+        torch.manual_seed(7)
+        return d(x), d(x), F.bias_dropout_add(x, x[0], x.flip(0), 0.5), torch.rand(1)
+
+    a, b = run(), run()
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    assert not torch.equal(a[0], a[1])  # each call draws afresh
+
+
+def test_explicit_seed_and_offset_pick_the_mask():
+    x = torch.randn(4099)
+    y = F.dropout(x, 0.3, seed=2**64 - 5, offset=2**63)
+    assert_bitwise(y, expected_dropout(x, 0.3, 2**64 - 5, 2**63)[0])
+    assert torch.equal(F.dropout(x, 0.3, seed=-5, offset=-(2**63)), y)  # the same 64-bit words
+    assert_bitwise(F.dropout(x, 0.3, seed=11), expected_dropout(x, 0.3, 11, 0)[0])  # offset defaults to 0
+
+
+def test_mask_follows_the_logical_index_not_the_strides():
+    base = rand((40, 70), torch.float32)
+    for x in [base.t(), base[:, ::3], base[5:, 7:50], base[:1].expand(30, 70)]:
+        assert not x.is_contiguous()
+        y = F.dropout(x, 0.4, seed=3, offset=9)
+        assert y.is_contiguous()
+        assert_bitwise(y, F.dropout(x.contiguous(), 0.4, seed=3, offset=9))
+    assert_bitwise(F.dropout(base, 0.4, seed=3).reshape(-1), F.dropout(base.reshape(-1), 0.4, seed=3))
+
+
+def test_keep_bits_wrapper_and_unpack():
+    x = torch.empty(3, 1001)
+    bits = F.dropout_keep_bits(x, 0.25, seed=4, offset=2**32)
+    assert bits.dtype == torch.uint8 and bits.shape == (math.ceil(x.numel() / 8),)
+    keep = F.unpack_keep_bits(bits, x.numel())
+    assert torch.equal(keep, ref_mask(4, 2**32, x.numel(), 0.25))
+    y = F.dropout(torch.ones_like(x), 0.25, seed=4, offset=2**32)
+    assert torch.equal(y.reshape(-1) != 0, keep)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Python API: torch semantics, autograd, dtypes, compile.
+
+def test_eval_mode_is_the_identity():
+    x = torch.randn(5, 6)
+    assert F.dropout(x, 0.5, training=False) is x
+    d = fnn.Dropout(0.3).eval()
+    assert d(x) is x
+    b, r = torch.randn(6), torch.randn(5, 6)
+    assert torch.equal(F.bias_dropout_add(x, b, r, 0.5, training=False), r + (x + b))
+    assert repr(fnn.Dropout(0.3)) == "Dropout(p=0.3, inplace=False)"
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5, float("nan"), float("inf")])
+def test_p_is_validated_like_torch(p):
+    with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1"):
+        F.dropout(torch.ones(3), p)
+    with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1"):
+        F.bias_dropout_add(torch.ones(3), torch.ones(3), torch.ones(3), p)
+    with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1"):
+        fnn.Dropout(p)
+    with pytest.raises(RuntimeError, match="dropout probability has to be between 0 and 1"):
+        OPS.dropout(torch.ones(3), p, draw())
+    with pytest.raises(TypeError):
+        F.dropout(torch.ones(3), "0.5")
+
+
+def test_p_zero_and_one():
+    x = torch.randn(1000)
+    y = F.dropout(x, 0.0)
+    assert torch.equal(y, x) and y is not x
+    assert torch.equal(F.dropout(x, 1.0), x * 0.0)
+    z = torch.randn(1000, requires_grad=True)
+    F.dropout(z, 1.0).sum().backward()
+    assert torch.equal(z.grad, torch.zeros(1000))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_autograd_regenerates_the_mask(dtype):
+    x = rand((33, 65), dtype).requires_grad_()
+    y = F.dropout(x, 0.3, seed=8, offset=1)
+    g = rand((33, 65), dtype, 5)
+    y.backward(g)
+    assert_bitwise(y.detach(), expected_dropout(x.detach(), 0.3, 8, 1)[0])
+    assert_bitwise(x.grad, expected_dropout(g, 0.3, 8, 1)[0])
+
+    xb, b, r = (rand((9, 65), dtype, k).requires_grad_() for k in range(3))
+    b = b[0].detach().clone().requires_grad_()
+    out = F.bias_dropout_add(xb, b, r, 0.3, seed=8)
+    gb = rand((9, 65), dtype, 6)
+    out.backward(gb)
+    dx, db = OPS.bias_dropout_add_backward(gb, 0.3, draw(8, 0))
+    assert_bitwise(xb.grad, dx)
+    assert_bitwise(b.grad, db)
+    assert_bitwise(r.grad, gb)
+
+
+def test_gradcheck_float64():
+    x = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
+    f = lambda t: F.dropout(t, 0.3, seed=3, offset=4)  # noqa: E731
+    g = lambda *a: F.bias_dropout_add(*a, 0.3, seed=3, offset=4)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x,))
+    assert torch.autograd.gradgradcheck(f, (x,))
+    assert torch.autograd.gradcheck(g, (x, b, r))
+    assert torch.autograd.gradgradcheck(g, (x, b, r))
+    assert torch.autograd.gradcheck(f, (x.detach().t().requires_grad_(),))  # non-contiguous input
+
+
+def test_inplace_writes_the_input():
+    x = torch.randn(100)
+    want = F.dropout(x, 0.5, seed=1)
+    assert F.dropout(x, 0.5, inplace=True, seed=1) is x
+    assert torch.equal(x, want)
+
+
+def test_empty_inputs():
+    assert OPS.dropout(torch.empty(0, 3), 0.5, draw()).shape == (0, 3)
+    assert OPS.bias_dropout_add(torch.empty(0, 3), torch.ones(3), torch.empty(0, 3), 0.5, draw()).shape == (0, 3)
+    dx, db = OPS.bias_dropout_add_backward(torch.empty(0, 3), 0.5, draw())
+    assert dx.shape == (0, 3) and torch.equal(db, torch.zeros(3))
+    assert OPS.dropout_keep_bits(torch.empty(0), 0.5, draw()).shape == (0,)
+
+
+def test_bad_input_is_a_clear_error():
+    x = torch.randn(4, 5)
+    with pytest.raises(RuntimeError, match="must be float32, float64, float16 or bfloat16"):
+        OPS.dropout(torch.ones(3, dtype=torch.int64), 0.5, draw())
+    with pytest.raises(RuntimeError, match="draw must be an int64 CPU tensor of two elements"):
+        OPS.dropout(x, 0.5, torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="draw must be an int64 CPU tensor of two elements"):
+        OPS.dropout(x, 0.5, torch.zeros(2))
+    with pytest.raises(RuntimeError, match="SparseCPU"):  # the dispatcher refuses sparse tensors
+        OPS.dropout(x.to_sparse(), 0.5, draw())
+    with pytest.raises(RuntimeError, match=r"bias must have shape \[5\]"):
+        OPS.bias_dropout_add(x, torch.ones(4), x, 0.5, draw())
+    with pytest.raises(RuntimeError, match="residual must have the input's shape"):
+        OPS.bias_dropout_add(x, torch.ones(5), x.t(), 0.5, draw())
+    with pytest.raises(RuntimeError, match="must share a dtype"):
+        OPS.bias_dropout_add(x, torch.ones(5, dtype=torch.float64), x, 0.5, draw())
+    with pytest.raises(RuntimeError, match="at least one dimension"):
+        OPS.bias_dropout_add_backward(torch.tensor(1.0), 0.5, draw())
+    with pytest.raises(RuntimeError, match="max_grid"):
+        OPS._gridemu_dropout(x, 0.5, draw(), 0)
+    with pytest.raises(ValueError, match="offset given without a seed"):
+        F.dropout(x, 0.5, offset=3)
+    with pytest.raises(ValueError, match="seed must lie in"):
+        F.dropout(x, 0.5, seed=2**64)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        F.dropout(x, 0.5, seed=1.5)
+
+
+def test_opcheck():
+    def cases(grad):
+        x, b, r = (torch.randn(*shape, requires_grad=grad) for shape in [(5, 9), (9,), (5, 9)])
+        return [(OPS.dropout, (x, 0.3, draw())), (OPS.dropout_backward, (x, 0.3, draw())),
+                (OPS.bias_dropout_add, (x, b, r, 0.3, draw())), (OPS.bias_dropout_add_backward, (x, 0.3, draw())),
+                (OPS.dropout_keep_bits, (x.detach(), 0.3, draw()))]
+
+    for op, args in cases(False) + cases(True):
+        torch.library.opcheck(op, args)
+    # A random op: outputs differ from call to call, so only the schema and the fake are checked.
+    torch.library.opcheck(OPS.dropout_seed, (torch.zeros((), dtype=torch.int64),),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_dropout_seed_counts_and_follows_the_generator():
+    counter = torch.zeros((), dtype=torch.int64)
+    torch.manual_seed(3)
+    a, b = OPS.dropout_seed(counter), OPS.dropout_seed(counter)
+    assert int(counter) == 2 and not torch.equal(a, b)
+    torch.manual_seed(3)
+    assert torch.equal(OPS.dropout_seed(counter), a)
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 32)
+        self.d1, self.d2 = fnn.Dropout(0.5), fnn.Dropout(0.2)
+        self.bias = torch.nn.Parameter(torch.randn(32))
+
+    def forward(self, x):
+        h = self.d1(self.l1(x))
+        twice = self.d2(h) + self.d2(h)  # the same input dropped twice: two masks
+        return F.bias_dropout_add(self.l2(twice), self.bias, h, 0.1)
+
+
+def test_compiled_module_draws_the_eager_masks():
+    torch.manual_seed(0)
+    net, x = _Net(), torch.randn(8, 16, requires_grad=True)
+    compiled = torch.compile(net, fullgraph=True)
+
+    def run(model):
+        torch.manual_seed(11)
+        y = model(x)
+        grads = torch.autograd.grad(y.square().sum(), [x, *net.parameters()])
+        return y, grads, torch.rand(2)
+
+    for _ in range(3):
+        (ye, ge, re), (yc, gc, rc) = run(net), run(compiled)
+        torch.testing.assert_close(yc, ye, rtol=1e-6, atol=1e-6)  # inductor may reassociate the Linear layers
+        for a, b in zip(gc, ge):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert torch.equal(rc, re)  # the same number of draws
+    # The masks themselves: with the Linear layers out of the way the outputs are bit for bit eager's.
+    f = lambda t: F.dropout(F.dropout(t, 0.5), 0.5) + F.dropout(t, 0.5)  # noqa: E731
+    t = torch.randn(1000)
+    torch.manual_seed(5)
+    want = f(t)
+    torch.manual_seed(5)
+    assert torch.equal(torch.compile(f, fullgraph=True)(t), want)
+
+
+def test_compile_with_explicit_seed_fullgraph():
+    f = torch.compile(lambda t: F.dropout(t, 0.3, seed=5, offset=6) * 2, fullgraph=True)
+    t = torch.randn(4099)
+    assert torch.equal(f(t), F.dropout(t, 0.3, seed=5, offset=6) * 2)
