@@ -188,7 +188,7 @@ def bench_layout(layout, sizes, device, timer, args):
                     impl = make(capturable=True) if key != "fusedopt" else make()
                     impl.step()
                     graphs[key] = graph_times(impl, timer, args.steps)
-                except (RuntimeError, TypeError, ValueError) as e:
+                except Exception as e:  # an extra measurement: record why, keep going
                     graph_errors[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 impl = None
                 torch.cuda.synchronize()

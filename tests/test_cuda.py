@@ -51,7 +51,10 @@ def test_every_op_has_a_cuda_kernel():
 
 # Parity with the reference (float64 spec) for every optimizer × option; fp64 tight, fp32 to fp32 noise.
 
-TOL = {torch.float64: (1e-12, 1e-14), torch.float32: (1e-5, 1e-6)}
+# (rtol, atol relative to the tensor's largest magnitude). fp32 allows 10 ulp-sized steps of the largest
+# element: centered RMSprop's √(v − a²) cancels and amplifies fp32 rounding. The tight fp32 check is the
+# bitwise equality with the CPU op below.
+TOL = {torch.float64: (1e-12, 1e-14), torch.float32: (1e-5, 1e-5)}
 
 
 def reference_run(case, steps):
@@ -63,8 +66,9 @@ def reference_run(case, steps):
     for j in range(len(case.tensors["params"])):
         p = case.tensors["params"][j].double().clone()
         state = {"step": int(case.steps[j].item())}
-        for name in case.lists:
-            state[REF_KEYS[name]] = case.tensors[name][j].double().clone()
+        if state["step"]:  # at step 0 the reference creates its buffers (SGD: b = g on the first step)
+            for name in case.lists:
+                state[REF_KEYS[name]] = case.tensors[name][j].double().clone()
         for _ in range(steps):
             REF_STEP[opt](p, case.tensors["grads"][j].double().clone(), state, index=case.indices[j], **o)
         out["params"].append(p)
@@ -127,12 +131,13 @@ def _random_case(rnd, trial, dtype):
                 indices=rnd.sample(range(2**24), n))
 
 
-def test_fp32_bitwise_random_configurations():
-    """2000 random calls (optimizer, options, AMP, 1-8 tensors of random sizes, offsets, steps, indices):
-    the CUDA op gives the CPU op's bits, two chained steps."""
-    rnd = random.Random(20261128)
+@pytest.mark.parametrize("part", range(8))
+def test_fp32_bitwise_random_configurations(part):
+    """2000 random calls in 8 parts (optimizer, options, AMP, 1-8 tensors of random sizes, offsets, steps,
+    indices): the CUDA op gives the CPU op's bits, two chained steps."""
+    rnd = random.Random(20261128 + part)
     tensors = 0
-    for trial in range(2000):
+    for trial in range(250 * part, 250 * (part + 1)):
         case = _random_case(rnd, trial, torch.float32)
         tensors += len(case.steps)
         amp = rnd.choice([{}, {}, dict(grad_scale=torch.tensor([rnd.choice([1.0, 0.5, 3.0, 65536.0])]),
@@ -142,7 +147,7 @@ def test_fp32_bitwise_random_configurations():
                 g.mul_(amp["grad_scale"])
         _assert_bitwise(*run_devices(case, steps=2, **amp),
                         f"trial {trial}: {case.opt} {case.options} sizes={[t.numel() for t in case.steps]}")
-    assert tensors > 8000
+    assert tensors > 1000
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=_dt)

@@ -7,6 +7,7 @@
 // known answers and the numpy reference.
 #include <cstdint>
 #include <cstring>
+#include <optional>
 
 #include "fusedopt/philox.h"
 #include "vec.h"
@@ -47,11 +48,14 @@ inline VI set1(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
 inline VI counters(uint32_t g0) {
   return _mm512_or_si512(set1(g0), _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
 }
+// The halves go back with one masked in-lane shuffle each: dwords (1, 1, 3, 3)
+// of the even products fill the even lanes of `hi`, dwords (0, 0, 2, 2) of the
+// odd products the odd lanes of `lo`.
 inline void mulhilo(const VI& m, const VI& a, VI& hi, VI& lo) {
   const VI even = _mm512_mul_epu32(a, m);
   const VI odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
-  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
-  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  hi = _mm512_mask_shuffle_epi32(odd, 0x5555, even, _MM_PERM_DDBB);
+  lo = _mm512_mask_shuffle_epi32(even, 0xAAAA, odd, _MM_PERM_CCAA);
 }
 inline VI xor3(const VI& a, const VI& b, const VI& c) { return _mm512_ternarylogic_epi32(a, b, c, 0x96); }
 inline VI unpacklo32(const VI& a, const VI& b) { return _mm512_unpacklo_epi32(a, b); }
@@ -73,7 +77,7 @@ inline void mulhilo(const VI& m, const VI& a, VI& hi, VI& lo) {
   const VI even = _mm256_mul_epu32(a, m);
   const VI odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
   hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  lo = _mm256_mullo_epi32(a, m);
 }
 inline VI xor3(const VI& a, const VI& b, const VI& c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
 inline VI unpacklo32(const VI& a, const VI& b) { return _mm256_unpacklo_epi32(a, b); }
@@ -89,55 +93,99 @@ inline uint64_t below(const VI& w, const VI& last) {
 }
 #endif
 
-// Ten Philox rounds on kLanes counters (c[0..3] = counter words) in place.
-inline void philox_rounds(VI (&c)[4], uint64_t seed) {
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+// The ten round keys of a seed, broadcast.
+struct RoundKeys {
+  VI k0[10], k1[10];
+  explicit RoundKeys(uint64_t seed) {
+    uint32_t a = static_cast<uint32_t>(seed), b = static_cast<uint32_t>(seed >> 32);
+    for (int r = 0; r < 10; ++r, a += philox::kKeyInc0, b += philox::kKeyInc1) {
+      k0[r] = set1(a);
+      k1[r] = set1(b);
+    }
+  }
+};
+
+// Ten Philox rounds on P vectors of kLanes counters (c[p][0..3] = counter
+// words) in place. A round is a chain mul -> shuffle -> xor, so one vector
+// alone leaves the pipes idle; P independent vectors interleave.
+template <int P>
+inline void philox_rounds(VI (&c)[P][4], const RoundKeys& k) {
   const VI m0 = set1(philox::kMul0), m1 = set1(philox::kMul1);
   for (int r = 0; r < 10; ++r) {
-    VI hi0, lo0, hi1, lo1;
-    mulhilo(m0, c[0], hi0, lo0);
-    mulhilo(m1, c[2], hi1, lo1);
-    c[0] = xor3(hi1, c[1], set1(k0));
-    c[1] = lo1;
-    c[2] = xor3(hi0, c[3], set1(k1));
-    c[3] = lo0;
-    k0 += philox::kKeyInc0;
-    k1 += philox::kKeyInc1;
+    for (int p = 0; p < P; ++p) {
+      VI hi0, lo0, hi1, lo1;
+      mulhilo(m0, c[p][0], hi0, lo0);
+      mulhilo(m1, c[p][2], hi1, lo1);
+      c[p][0] = xor3(hi1, c[p][1], k.k0[r]);
+      c[p][1] = lo1;
+      c[p][2] = xor3(hi0, c[p][3], k.k1[r]);
+      c[p][3] = lo0;
+    }
   }
 }
 
-// Keep bits of the 4·kLanes elements of counters [g0, g0 + kLanes), bit k =
-// element 4·g0 + k; g0 is a multiple of kLanes, so the low counter word never
-// carries inside the vector. T ≥ 1 (`last` = T - 1).
-inline uint64_t keep_bits_lanes(const Draw& d, uint64_t g0, const VI& last) {
-  VI c[4] = {counters(static_cast<uint32_t>(g0)), set1(static_cast<uint32_t>(g0 >> 32)), set1(static_cast<uint32_t>(d.offset)),
-             set1(static_cast<uint32_t>(d.offset >> 32))};
-  philox_rounds(c, d.seed);
-  const VI t0 = unpacklo32(c[0], c[1]), t1 = unpacklo32(c[2], c[3]);
-  const VI t2 = unpackhi32(c[0], c[1]), t3 = unpackhi32(c[2], c[3]);
-  return below(unpacklo64(t0, t1), last) | below(unpackhi64(t0, t1), last) << kLanes |
-         below(unpacklo64(t2, t3), last) << (2 * kLanes) | below(unpackhi64(t2, t3), last) << (3 * kLanes);
-}
+// Vectors drawn together, and the 64-element groups they cover.
+constexpr int kVectors = 2;
+constexpr int kBatch = kVectors * kLanes / 16;
 
-#endif
-
-// Keep bits of elements [64q, 64q + 64) of the draw: bit k = element 64q + k.
-inline uint64_t keep_bits64(const Draw& d, uint64_t q) {
-  if (d.threshold == 0) return 0;
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-  const VI last = set1(static_cast<uint32_t>(d.threshold - 1));
-  uint64_t bits = 0;
-  for (int k = 0; k < 16 / kLanes; ++k) bits |= keep_bits_lanes(d, 16 * q + k * kLanes, last) << (4 * kLanes * k);
-  return bits;
 #else
-  uint64_t bits = 0;
-  for (int k = 0; k < 16; ++k) {
-    const philox::Words w = philox::block(d.seed, d.offset, 16 * q + k);
-    for (int j = 0; j < 4; ++j) bits |= uint64_t(philox::keep(w.w[j], d.threshold)) << (4 * k + j);
-  }
-  return bits;
+constexpr int kBatch = 1;
 #endif
-}
+
+// The keep bits of a draw, kBatch 64-element groups at a time, with the
+// draw's constants (round keys, threshold) prepared once.
+class Keeper {
+ public:
+  explicit Keeper(const Draw& d)
+      : d_(d)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+        ,
+        keys_(d.seed),
+        last_(set1(static_cast<uint32_t>(d.threshold - 1)))
+#endif
+  {
+  }
+
+  // out[j] bit k = keep of element 64·(q0 + j) + k, for j < kBatch.
+  void batch(uint64_t q0, uint64_t (&out)[kBatch]) const {
+    for (auto& o : out) o = 0;
+    if (d_.threshold == 0) return;
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+    // Vector v covers counters 16·q0 + v·kLanes onwards (a multiple of kLanes,
+    // so the low counter word never carries inside it): 4·kLanes elements of
+    // group q0 + v·kLanes/16, from bit 4·kLanes·v mod 64. T ≥ 1 here.
+    VI c[kVectors][4];
+    for (int v = 0; v < kVectors; ++v) {
+      const uint64_t g0 = 16 * q0 + static_cast<uint64_t>(v) * kLanes;
+      c[v][0] = counters(static_cast<uint32_t>(g0));
+      c[v][1] = set1(static_cast<uint32_t>(g0 >> 32));
+      c[v][2] = set1(static_cast<uint32_t>(d_.offset));
+      c[v][3] = set1(static_cast<uint32_t>(d_.offset >> 32));
+    }
+    philox_rounds<kVectors>(c, keys_);
+    for (int v = 0; v < kVectors; ++v) {
+      const VI t0 = unpacklo32(c[v][0], c[v][1]), t1 = unpacklo32(c[v][2], c[v][3]);
+      const VI t2 = unpackhi32(c[v][0], c[v][1]), t3 = unpackhi32(c[v][2], c[v][3]);
+      const uint64_t b = below(unpacklo64(t0, t1), last_) | below(unpackhi64(t0, t1), last_) << kLanes |
+                         below(unpacklo64(t2, t3), last_) << (2 * kLanes) |
+                         below(unpackhi64(t2, t3), last_) << (3 * kLanes);
+      out[v * kLanes / 16] |= b << (4 * kLanes * v % 64);
+    }
+#else
+    for (int k = 0; k < 16; ++k) {
+      const philox::Words w = philox::block(d_.seed, d_.offset, 16 * q0 + k);
+      for (int j = 0; j < 4; ++j) out[0] |= uint64_t(philox::keep(w.w[j], d_.threshold)) << (4 * k + j);
+    }
+#endif
+  }
+
+ private:
+  Draw d_;
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  RoundKeys keys_;
+  VI last_;  // T - 1
+#endif
+};
 
 // Philox4x32-10 of n arbitrary counters: out[4r + w] = word w for the counter
 // words ctr[4r .. 4r + 3] and the key (seed low, seed high). A test hook for
@@ -145,13 +193,14 @@ inline uint64_t keep_bits64(const Draw& d, uint64_t q) {
 inline void philox_counters(const uint32_t* ctr, uint32_t* out, int64_t n, uint64_t seed) {
   int64_t r = 0;
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  const RoundKeys keys(seed);
   for (; r + kLanes <= n; r += kLanes) {
     uint32_t cols[4][kLanes];
     for (int l = 0; l < kLanes; ++l)
       for (int w = 0; w < 4; ++w) cols[w][l] = ctr[4 * (r + l) + w];
-    VI c[4] = {loadu(cols[0]), loadu(cols[1]), loadu(cols[2]), loadu(cols[3])};
-    philox_rounds(c, seed);
-    for (int w = 0; w < 4; ++w) storeu(cols[w], c[w]);
+    VI c[1][4] = {{loadu(cols[0]), loadu(cols[1]), loadu(cols[2]), loadu(cols[3])}};
+    philox_rounds<1>(c, keys);
+    for (int w = 0; w < 4; ++w) storeu(cols[w], c[0][w]);
     for (int l = 0; l < kLanes; ++l)
       for (int w = 0; w < 4; ++w) out[4 * (r + l) + w] = cols[w][l];
   }
@@ -192,9 +241,9 @@ inline at::vec::Vectorized<S> keep_select(uint64_t bits, S value) {
 }
 
 // Keep bits of an arbitrary run of elements, for loops that walk a draw in
-// order but not in 64-element steps (the optimizers' vector and scalar
-// tails; bias_dropout_add's backward, row by row). Two 64-element groups are
-// cached, so a run that straddles groups draws each group once.
+// order but not a batch at a time (the optimizers' element loop, one vector
+// at a time; bias_dropout_add's backward, row by row). Two batches are cached,
+// so a run that straddles batches draws each once.
 class KeepCache {
  public:
   // Bits of elements [i, i + n), bit k = element i + k; n ≤ 64, so the run
@@ -211,22 +260,37 @@ class KeepCache {
   template <typename S>
   void fill(const Draw& d, S* out, int64_t i0, int64_t n) {
     constexpr int W = at::vec::Vectorized<S>::size();
-    int64_t k = 0;
-    for (; k + W <= n; k += W) keep_select<S>(bits(d, static_cast<uint64_t>(i0 + k), W), S(1)).store(out + k);
-    for (; k < n; ++k) out[k] = S(bits(d, static_cast<uint64_t>(i0 + k), 1));
+    const auto i = static_cast<uint64_t>(i0);
+    if (n == W && i % W == 0) {  // one aligned vector (W divides 64): the element loop's case
+      keep_select<S>(group(d, i >> 6) >> (i & 63), S(1)).store(out);
+      return;
+    }
+    for (int64_t k = 0; k < n; ++k) out[k] = S(bits(d, i + k, 1));
   }
 
  private:
-  uint64_t group(const Draw& d, uint64_t q) {
-    Slot& s = slot_[q & 1];
-    if (!s.valid || s.q != q) s = {keep_bits64(d, q), q, true};
-    return s.bits;
-  }
   struct Slot {
-    uint64_t bits = 0, q = 0;
+    uint64_t bits[kBatch] = {};
+    uint64_t b = 0;  // batch index: groups [b·kBatch, (b + 1)·kBatch)
     bool valid = false;
   };
+
+  uint64_t group(const Draw& d, uint64_t q) {
+    const uint64_t b = q / kBatch;
+    Slot& s = slot_[b & 1];
+    if (!s.valid || s.b != b) refill(d, s, b);
+    return s.bits[q - b * kBatch];
+  }
+  // Out of line: the element loop's hot path is the cache hit above.
+  __attribute__((noinline)) void refill(const Draw& d, Slot& s, uint64_t b) {
+    if (!keeper_) keeper_.emplace(d);
+    keeper_->batch(b * kBatch, s.bits);
+    s.b = b;
+    s.valid = true;
+  }
+
   Slot slot_[2];
+  std::optional<Keeper> keeper_;  // made on first use, for the draw of that call
 };
 
 }  // namespace CPU_CAPABILITY

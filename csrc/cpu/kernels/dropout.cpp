@@ -22,7 +22,12 @@ template <typename F>
 void for_each_group(const DropoutCall& c, const F& fn) {
   const Draw d = draw_of(c);
   at::parallel_for(0, (c.n + 63) / 64, kGroupsPerTask, [&](int64_t lo, int64_t hi) {
-    for (int64_t q = lo; q < hi; ++q) fn(q, keep_bits64(d, static_cast<uint64_t>(q)));
+    const Keeper keeper(d);
+    uint64_t bits[kBatch];
+    for (int64_t q = lo; q < hi; q += kBatch) {
+      keeper.batch(static_cast<uint64_t>(q), bits);
+      for (int64_t j = 0; j < kBatch && q + j < hi; ++j) fn(q + j, bits[j]);
+    }
   });
 }
 
