@@ -210,6 +210,7 @@ def bench_layout(layout, sizes, device, timer, args):
                     d = torch.stack([(a[:1 << 20] - b.detach()[:1 << 20]).abs().max()
                                      for a, b in zip(ours, built[key].params) if a.numel()]).max()
                     diffs[key] = (d / m).item()
+            del ours
         for key in impls:
             row = {"layout": layout, "optimizer": name, "impl": key, "tensors": len(sizes), "numel": numel}
             if key in errors:
@@ -296,6 +297,8 @@ def main(argv=None):
     ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
     ap.add_argument("--graph-layouts", nargs="*", default=["many-small"],
                     help="layouts also timed as CUDA-graph replays (device time without host overhead)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds: layouts that would start after 80%% of this are skipped (results so far kept)")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     if args.dry_run:
@@ -311,8 +314,27 @@ def main(argv=None):
     shapes = layouts(args.dry_run)
     bandwidth = copy_bandwidth(device, 10_000 if args.dry_run else 1 << 29, timer, args.steps)
     print(f"copy {bandwidth['copy_GBps']:.0f} GB/s, stream_ {bandwidth['stream_GBps']:.0f} GB/s", flush=True)
-    rows = []
+    rows, skipped = [], []
+
+    def save():
+        """Writes the JSON so far: a run cut short still leaves every finished layout."""
+        summarize(rows, bandwidth)
+        result = {
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "cuda": torch.version.cuda, "fusedopt_build": fusedopt._ext.BUILD,
+            "steps": args.steps, "warmup": args.warmup, "bandwidth": bandwidth,
+            "layouts": {k: {"tensors": len(v), "numel": sum(v)} for k, v in shapes.items() if k in args.layouts},
+            "skipped_layouts": skipped, "rows": rows, "seconds": time.perf_counter() - t_start,
+        }
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1))
+
     for layout in args.layouts:
+        if args.budget is not None and time.perf_counter() - t_start > 0.8 * args.budget:
+            skipped.append(layout)
+            print(f"{layout}: skipped (out of the {args.budget:.0f} s budget)", flush=True)
+            continue
         t0 = time.perf_counter()
         new = bench_layout(layout, shapes[layout], device, timer, args)
         rows += new
@@ -321,17 +343,8 @@ def main(argv=None):
                   + (f"{r['ms']:9.3f} ms {r['GBps']:7.0f} GB/s host {r['host_ms']:7.3f} ms" if "ms" in r
                      else r["error"]), flush=True)
         print(f"{layout}: {time.perf_counter() - t0:.1f} s", flush=True)
-    summarize(rows, bandwidth)
-    result = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "cuda": torch.version.cuda, "fusedopt_build": fusedopt._ext.BUILD,
-        "steps": args.steps, "warmup": args.warmup, "bandwidth": bandwidth,
-        "layouts": {k: {"tensors": len(v), "numel": sum(v)} for k, v in shapes.items() if k in args.layouts},
-        "rows": rows, "seconds": time.perf_counter() - t_start,
-    }
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+        save()
+    save()
     failed = [r for r in rows if r["impl"] == "fusedopt" and "error" in r]
     bad = [r for r in rows if r.get("max_rel_diff_vs_fusedopt", 0) > 1e-3 or math.isnan(
         r.get("max_rel_diff_vs_fusedopt", 0))]

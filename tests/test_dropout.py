@@ -131,6 +131,20 @@ def test_dropout_is_the_reference_mask(isa, dtype, n, use_isa):
             assert_bitwise(OPS.dropout_backward(x, p, draw(SEED, offset)), want, f"backward p={p}")
 
 
+@pytest.mark.parametrize("isa", SUPPORTED_ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_outputs_stream_the_same_values(isa, dtype, use_isa):
+    """Outputs of 16 MiB and more are written with non-temporal stores (Note [Streaming stores])."""
+    use_isa(isa)
+    n = (16 << 20) // dtype.itemsize + 67
+    x, res, bias = rand(n, dtype, 1), rand(n, dtype, 2), rand(n, dtype, 3)
+    want, m = expected_dropout(x, 0.3, SEED, 9)
+    assert_bitwise(OPS.dropout(x, 0.3, draw(SEED, 9)), want)
+    s = opmath(dtype)
+    assert_bitwise(OPS.bias_dropout_add(x, bias, res, 0.3, draw(SEED, 9)),
+                   (res.to(s) + (x.to(s) + bias.to(s)) * m).to(dtype))
+
+
 def test_fp32_is_torch_native_dropout_given_the_mask():
     """(x·mask)·scale, torch's CPU native_dropout, with our mask: the same bits."""
     x = rand(4099, torch.float32)

@@ -1,7 +1,7 @@
 #pragma once
 // Multi-tensor apply (DESIGN.md §7): the launch plan of the CUDA optimizer
 // kernels and their per-chunk bodies, written once for host and device. The
-// CUDA ops (csrc/cuda/optimizers.cu) launch the bodies; the grid emulation
+// CUDA ops (csrc/cuda/update.cuh) launch the bodies; the grid emulation
 // (csrc/cpu/gridemu.cpp) runs the very same bodies over the very same plan on
 // the host, so chunking, tails, alignment and index arithmetic are tested
 // without a GPU. No CUDA header is included here: g++ compiles this file.
@@ -23,7 +23,7 @@
 // before). A larger table means fewer launches for many small tensors, which is
 // where launch overhead dominates (10,000 tensors: 23 launches of Adam instead
 // of 180 with a 4 KB table). kArgBytes leaves room for the options beside the
-// table; optimizers.cu checks sizeof(Args) and requires CUDA >= 12.1.
+// table; csrc/cuda/update.cuh checks sizeof(Args) and requires CUDA >= 12.1.
 //
 // Note [Steps on the device]
 // Every chunk reads its tensor's step, t = step + 1, and computes the rule's
