@@ -31,9 +31,9 @@ bool streams(const void* y, int64_t n, size_t elem) {
 #endif
 }
 
-// One op-math vector stored as W elements at p, non-temporally; p is aligned
-// to the bytes stored (a full group starts 64 elements into a 64-byte aligned
-// output).
+// One op-math vector stored as W elements at p, non-temporally. p is aligned
+// to the bytes stored: full groups start at multiples of 64 elements of a
+// 64-byte aligned output.
 template <typename scalar_t>
 void store_stream(scalar_t* p, const typename VecIo<scalar_t>::V& v) {
 #if defined(CPU_CAPABILITY_AVX512)
