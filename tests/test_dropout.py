@@ -502,3 +502,118 @@ def test_compile_with_explicit_seed_fullgraph():
     f = torch.compile(lambda t: F.dropout(t, 0.3, seed=5, offset=6) * 2, fullgraph=True)
     t = torch.randn(4099)
     assert torch.equal(f(t), F.dropout(t, 0.3, seed=5, offset=6) * 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA (run by benchmarks/gpu_check.sh with -m cuda; skipped without a GPU): the kernels equal the CPU ops bit for
+# bit, for every dtype, odd sizes, misaligned storage and grids of many waves.
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def on_cuda(t, mis=False):
+    """t on the GPU; mis: in storage one element past an allocation (not 16-byte aligned)."""
+    if not mis:
+        return t.cuda()
+    base = torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")
+    out = base[1:].view(t.shape)
+    out.copy_(t)
+    assert out.data_ptr() % 16 != 0
+    return out
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("op", ["dropout", "dropout_backward", "bias_dropout_add", "bias_dropout_add_backward",
+                                "dropout_keep_bits"])
+def test_cuda_kernels_registered(op):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedopt::{op}", "CUDA")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 5, 64, 4099, 278011])
+@pytest.mark.parametrize("mis", [False, True])
+def test_cuda_dropout_equals_cpu(dtype, n, mis):
+    x = rand(n, dtype)
+    xc = on_cuda(x, mis)
+    for p in [0.0, 0.4, 1.0]:
+        for offset in [0, 2**32 - 1, 2**64 - 1]:
+            want = OPS.dropout(x, p, draw(SEED, offset))
+            assert_bitwise(OPS.dropout(xc, p, draw(SEED, offset)).cpu(), want, f"p={p} offset={offset:#x}")
+            assert_bitwise(OPS.dropout_backward(xc, p, draw(SEED, offset)).cpu(), want)
+        bits = OPS.dropout_keep_bits(xc, p, draw(SEED, 5))
+        assert bits.is_cuda and torch.equal(bits.cpu(), OPS.dropout_keep_bits(x, p, draw(SEED, 5)))
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mis", [False, True])
+def test_cuda_grid_stride_over_many_waves(dtype, mis):
+    """2^25 + 3 elements: more units than one capped grid covers, so threads loop."""
+    x = rand((1 << 25) + 3, dtype)
+    xc = on_cuda(x, mis)
+    assert_bitwise(OPS.dropout(xc, 0.4, draw(SEED, 2**32 - 1)).cpu(), OPS.dropout(x, 0.4, draw(SEED, 2**32 - 1)))
+    assert torch.equal(OPS.dropout_keep_bits(xc, 0.4, draw(SEED, 3)).cpu(), OPS.dropout_keep_bits(x, 0.4, draw(SEED, 3)))
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 8), (33, 16), (9, 17), (300, 64), (2, 3, 130), (4096, 1024),
+                                   (40000, 3)])
+@pytest.mark.parametrize("mis", [False, True])
+def test_cuda_bias_dropout_add_equals_cpu(dtype, shape, mis):
+    x, res, bias = rand(shape, dtype, 1), rand(shape, dtype, 2), rand(shape[-1], dtype, 3)
+    xc, rc, bc = on_cuda(x, mis), on_cuda(res, mis), on_cuda(bias, mis)
+    assert_bitwise(OPS.bias_dropout_add(xc, bc, rc, 0.3, draw(5, 6)).cpu(),
+                   OPS.bias_dropout_add(x, bias, res, 0.3, draw(5, 6)))
+    dx, db = OPS.bias_dropout_add_backward(x, 0.3, draw(5, 6))
+    dxc, dbc = OPS.bias_dropout_add_backward(xc, 0.3, draw(5, 6))
+    assert_bitwise(dxc.cpu(), dx)
+    assert_bitwise(dbc.cpu(), db)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_and_cpu_runs_draw_the_same_masks():
+    """Seeds come from the CPU generator for CUDA inputs too: one program, the same masks on either device."""
+    x = torch.randn(64, 1000)
+    b, r = torch.randn(1000), torch.randn(64, 1000)
+
+    def run(device):
+        torch.manual_seed(21)
+        xs = x.to(device).requires_grad_()
+        bs, rs = b.to(device).requires_grad_(), r.to(device).requires_grad_()
+        y = fnn.Dropout(0.25)(xs)
+        z = F.bias_dropout_add(y, bs, rs, 0.1)
+        z.backward(torch.ones_like(z))
+        return [t.detach().cpu() for t in (y, z, xs.grad, bs.grad, rs.grad)]
+
+    for a, c in zip(run("cpu"), run("cuda")):
+        assert_bitwise(c, a)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_current_stream_and_non_contiguous_input():
+    x = rand((300, 500), torch.float32).cuda().t()
+    want = OPS.dropout(x.cpu(), 0.5, draw(7, 8))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        y = OPS.dropout(x, 0.5, draw(7, 8))
+    side.synchronize()
+    assert_bitwise(y.cpu(), want)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_bad_input_is_a_clear_error():
+    x = torch.randn(4, 5, device="cuda")
+    with pytest.raises(RuntimeError, match="expected bias on cuda"):
+        OPS.bias_dropout_add(x, torch.ones(5), x, 0.5, draw())
+    with pytest.raises(RuntimeError, match="draw must be an int64 CPU tensor"):
+        OPS.dropout(x, 0.5, draw().cuda())

@@ -30,9 +30,12 @@ struct Draw {
 // Note [Vector Philox]
 // One lane per counter. The 32x32 -> 64-bit products of a round come from
 // mul_epu32, which multiplies the even 32-bit lanes only: the odd lanes are
-// shifted down and multiplied separately, and blends put the high and low
-// halves back into 32-bit lanes. The key is the same in every lane, so its
-// ten round values are broadcasts.
+// shifted down and multiplied separately, and the high and low halves go back
+// into 32-bit lanes (AVX512: two masked shuffles; AVX2: a blend for the high
+// halves, mullo for the low ones). The key is the same in every lane, so its
+// ten round values are broadcasts, made once per draw. Zen 4 runs 16 counters
+// in ~3.4 cycles each, within ~35% of its bound of one 512-bit multiply per
+// cycle (four per round).
 //
 // Element order. Output word w of counter g is element 4g + w. A 4x4
 // transpose inside each 128-bit lane (unpack epi32, then epi64) turns the
