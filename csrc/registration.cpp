@@ -64,6 +64,8 @@ TORCH_LIBRARY_FRAGMENT(fusedopt, m) {
   m.def("dropout_seed(Tensor(a!) draws) -> Tensor", {at::Tag::nondeterministic_seeded});
   // y = x · keep / (1 - p)   (Note [Dropout formula])
   m.def("dropout(Tensor x, float p, Tensor draw) -> Tensor");
+  // x ← x · keep / (1 - p), in place (Note [In-place dropout])
+  m.def("dropout_(Tensor(a!) x, float p, Tensor draw) -> ()");
   // dx = dy · keep / (1 - p)
   m.def("dropout_backward(Tensor grad, float p, Tensor draw) -> Tensor");
   // y = residual + dropout(x + bias); bias: [x.size(-1)], residual: x's shape

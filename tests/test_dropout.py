@@ -393,11 +393,66 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(f, (x.detach().t().requires_grad_(),))  # non-contiguous input
 
 
-def test_inplace_writes_the_input():
-    x = torch.randn(100)
-    want = F.dropout(x, 0.5, seed=1)
-    assert F.dropout(x, 0.5, inplace=True, seed=1) is x
-    assert torch.equal(x, want)
+@pytest.mark.parametrize("isa", SUPPORTED_ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 63, 4099, 278011, 5 * 2**20 + 3])
+def test_inplace_is_the_out_of_place_result(isa, dtype, n, use_isa):
+    use_isa(isa)
+    x = rand((n,), dtype)
+    want = F.dropout(x, 0.3, seed=7, offset=2**32 - 1)
+    ptr = x.data_ptr()
+    assert F.dropout(x, 0.3, inplace=True, seed=7, offset=2**32 - 1) is x
+    assert x.data_ptr() == ptr
+    assert_bitwise(x, want)
+
+
+def test_inplace_non_contiguous_input_follows_the_logical_index():
+    base = torch.randn(64, 48)
+    x = base.t()  # written through its strides
+    want = F.dropout(x, 0.5, seed=3)
+    OPS.dropout_(x, 0.5, draw(3))
+    assert torch.equal(x, want) and x.data_ptr() == base.data_ptr()
+
+
+def test_inplace_allocates_nothing_and_saves_only_the_draw():
+    x = torch.randn(4096, requires_grad=True)
+    h = x * 1  # a non-leaf: in-place on a leaf that requires grad is an error, as in torch
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = F.dropout(h, 0.5, inplace=True, seed=11)
+    assert y is h and [t.numel() for t in saved] == [2]  # the draw (seed, offset) only
+    y.backward(torch.ones(4096))
+    assert torch.equal(x.grad, F.dropout(torch.ones(4096), 0.5, seed=11))
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        F.dropout(x, 0.5, inplace=True)
+
+
+def test_inplace_gradcheck_float64():
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: F.dropout(t * 1, 0.4, inplace=True, seed=2), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: F.dropout(t * 1, 0.4, inplace=True, seed=2), (x,))
+
+
+def test_inplace_rejects_overlapping_input():
+    with pytest.raises(RuntimeError, match="share memory"):
+        OPS.dropout_(torch.randn(1, 5).expand(4, 5), 0.5, draw())
+
+
+def test_inplace_module_under_compile():
+    net = torch.nn.Sequential(torch.nn.Linear(16, 16), fnn.Dropout(0.5, inplace=True), torch.nn.Linear(16, 4))
+    x = torch.randn(8, 16)
+    compiled = torch.compile(net, fullgraph=True)
+    torch.manual_seed(3)
+    want = net(x)
+    want.sum().backward()
+    want_grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    torch.manual_seed(3)
+    got = compiled(x)
+    got.sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for p, g in zip(net.parameters(), want_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-5)
 
 
 def test_empty_inputs():
@@ -441,7 +496,7 @@ def test_opcheck():
         x, b, r = (torch.randn(*shape, requires_grad=grad) for shape in [(5, 9), (9,), (5, 9)])
         return [(OPS.dropout, (x, 0.3, draw())), (OPS.dropout_backward, (x, 0.3, draw())),
                 (OPS.bias_dropout_add, (x, b, r, 0.3, draw())), (OPS.bias_dropout_add_backward, (x, 0.3, draw())),
-                (OPS.dropout_keep_bits, (x.detach(), 0.3, draw()))]
+                (OPS.dropout_keep_bits, (x.detach(), 0.3, draw())), (OPS.dropout_, (x.detach().clone(), 0.3, draw()))]
 
     for op, args in cases(False) + cases(True):
         torch.library.opcheck(op, args)
@@ -524,8 +579,8 @@ def on_cuda(t, mis=False):
 
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.parametrize("op", ["dropout", "dropout_backward", "bias_dropout_add", "bias_dropout_add_backward",
-                                "dropout_keep_bits"])
+@pytest.mark.parametrize("op", ["dropout", "dropout_", "dropout_backward", "bias_dropout_add",
+                                "bias_dropout_add_backward", "dropout_keep_bits"])
 def test_cuda_kernels_registered(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedopt::{op}", "CUDA")
 

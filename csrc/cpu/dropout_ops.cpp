@@ -5,47 +5,15 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <mutex>
-#include <string>
 
 #include "fusedopt/dispatch.h"
 #include "fusedopt/dropout.h"
+#include "isa.h"
 #include "kernels/kernels.h"
 
 namespace fusedopt::cpu {
 namespace {
-
-enum class Isa { DEFAULT, AVX2, AVX512 };
-
-// The widest ISA this CPU runs, or FUSEDOPT_CPU_ISA when set. Mirrors
-// pick_isa in ops.cpp (same rule, same messages): the dropout ops honour the
-// same override, so tests run every build of these kernels too.
-Isa pick_isa() {
-  static const Isa best = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-      return Isa::AVX512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::AVX2;
-    return Isa::DEFAULT;
-  }();
-  const char* env = std::getenv("FUSEDOPT_CPU_ISA");
-  if (env == nullptr || *env == '\0') return best;
-  const std::string want(env);
-  TORCH_CHECK(want == "AVX512" || want == "AVX2" || want == "DEFAULT",
-              "FUSEDOPT_CPU_ISA must be DEFAULT, AVX2 or AVX512, got ", want);
-  const Isa forced = want == "AVX512" ? Isa::AVX512 : want == "AVX2" ? Isa::AVX2 : Isa::DEFAULT;
-  TORCH_CHECK(forced <= best, "FUSEDOPT_CPU_ISA=", want, " is not supported by this CPU");
-  return forced;
-}
-
-#define FUSEDOPT_DROPOUT_ISA_CALL(NAME, ...)            \
-  switch (pick_isa()) {                                 \
-    case Isa::AVX512: AVX512::NAME(__VA_ARGS__); break; \
-    case Isa::AVX2: AVX2::NAME(__VA_ARGS__); break;     \
-    default: DEFAULT::NAME(__VA_ARGS__); break;         \
-  }
 
 // dbias[c] = Σ_b partial[b][c] in block order (Note [dbias row blocks]).
 void reduce_dbias(const DropoutCall& c, void* dbias) {
@@ -63,19 +31,22 @@ void reduce_dbias(const DropoutCall& c, void* dbias) {
 
 // The CPU kernels of kernels/dropout.cpp, for the ISA in use.
 struct CpuRun {
-  void dropout(const DropoutCall& c) const { FUSEDOPT_DROPOUT_ISA_CALL(dropout, c); }
-  void bias_dropout_add(const DropoutCall& c) const { FUSEDOPT_DROPOUT_ISA_CALL(bias_dropout_add, c); }
+  void dropout(const DropoutCall& c) const { FUSEDOPT_ISA_CALL(dropout, c); }
+  void bias_dropout_add(const DropoutCall& c) const { FUSEDOPT_ISA_CALL(bias_dropout_add, c); }
   void bias_dropout_add_backward(const DropoutCall& c, void* dbias) const {
-    FUSEDOPT_DROPOUT_ISA_CALL(bias_dropout_add_backward, c);
+    FUSEDOPT_ISA_CALL(bias_dropout_add_backward, c);
     reduce_dbias(c, dbias);
   }
-  void keep_bits(const DropoutCall& c, uint8_t* out) const { FUSEDOPT_DROPOUT_ISA_CALL(keep_bits, c, out); }
+  void keep_bits(const DropoutCall& c, uint8_t* out) const { FUSEDOPT_ISA_CALL(keep_bits, c, out); }
 };
 
 constexpr auto kCPU = c10::DeviceType::CPU;
 
 at::Tensor dropout(const at::Tensor& x, double p, const at::Tensor& draw) {
   return dropout_op("dropout", kCPU, CpuRun{}, x, p, draw);
+}
+void dropout_inplace(const at::Tensor& x, double p, const at::Tensor& draw) {
+  dropout_inplace_op("dropout_", kCPU, CpuRun{}, x, p, draw);
 }
 at::Tensor dropout_backward(const at::Tensor& grad, double p, const at::Tensor& draw) {
   return dropout_op("dropout_backward", kCPU, CpuRun{}, grad, p, draw);
@@ -121,7 +92,7 @@ at::Tensor philox(const at::Tensor& counters, int64_t seed) {
               "_philox: counter words must lie in [0, 2^32)");
   const at::Tensor words = counters.to(at::kInt).contiguous();
   at::Tensor out = at::empty(words.sizes(), words.options());
-  FUSEDOPT_DROPOUT_ISA_CALL(philox_words, reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>()),
+  FUSEDOPT_ISA_CALL(philox_words, reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>()),
                             reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>()), words.size(0),
                             static_cast<uint64_t>(seed));
   return out.to(at::kLong).bitwise_and(int64_t(0xFFFFFFFF));
@@ -194,6 +165,7 @@ at::Tensor emu_keep_bits(const at::Tensor& x, double p, const at::Tensor& draw, 
 
 TORCH_LIBRARY_IMPL(fusedopt, CPU, m) {
   m.impl("dropout", &dropout);
+  m.impl("dropout_", &dropout_inplace);
   m.impl("dropout_backward", &dropout_backward);
   m.impl("bias_dropout_add", &bias_dropout_add);
   m.impl("bias_dropout_add_backward", &bias_dropout_add_backward);

@@ -75,6 +75,10 @@ at::Tensor dropout(const at::Tensor& x, double p, const at::Tensor& draw) {
   const c10::cuda::OptionalCUDAGuard guard(cuda_device(x));
   return dropout_op("dropout", kCUDA, CudaRun{}, x, p, draw);
 }
+void dropout_inplace(const at::Tensor& x, double p, const at::Tensor& draw) {
+  const c10::cuda::OptionalCUDAGuard guard(cuda_device(x));
+  dropout_inplace_op("dropout_", kCUDA, CudaRun{}, x, p, draw);
+}
 at::Tensor dropout_backward(const at::Tensor& grad, double p, const at::Tensor& draw) {
   const c10::cuda::OptionalCUDAGuard guard(cuda_device(grad));
   return dropout_op("dropout_backward", kCUDA, CudaRun{}, grad, p, draw);
@@ -100,6 +104,7 @@ at::Tensor dropout_keep_bits(const at::Tensor& x, double p, const at::Tensor& dr
 // CPU whatever the device of the dropout it feeds (Note [Dropout draw]).
 TORCH_LIBRARY_IMPL(fusedopt, CUDA, m) {
   m.impl("dropout", &dropout);
+  m.impl("dropout_", &dropout_inplace);
   m.impl("dropout_backward", &dropout_backward);
   m.impl("bias_dropout_add", &bias_dropout_add);
   m.impl("bias_dropout_add_backward", &bias_dropout_add_backward);

@@ -29,6 +29,11 @@ def _dropout_fake(x, p, draw):
     return x.new_empty(x.shape)
 
 
+@torch.library.register_fake("fusedopt::dropout_")
+def _dropout_inplace_fake(x, p, draw):
+    return None
+
+
 @torch.library.register_fake("fusedopt::dropout_backward")
 def _dropout_backward_fake(grad, p, draw):
     return grad.new_empty(grad.shape)
@@ -94,3 +99,19 @@ def _bias_dropout_add_backward_grad(ctx, gdx, gdbias):
 
 torch.library.register_autograd("fusedopt::bias_dropout_add_backward", _bias_dropout_add_backward_grad,
                                 setup_context=_bias_dropout_add_backward_setup)
+
+
+class DropoutInplace(torch.autograd.Function):
+    """x <- dropout(x) through the in-place op (Note [In-place dropout]); the backward regenerates the mask from
+    (p, draw), so nothing of x's size is saved."""
+
+    @staticmethod
+    def forward(ctx, x, p, draw):
+        _ops.dropout_(x, p, draw)
+        ctx.mark_dirty(x)
+        _save_draw(ctx, p, draw)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _ops.dropout_backward(grad, ctx.p, *ctx.saved_tensors), None, None

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _ops  # noqa: F401  (fakes and autograd of the ops)
+from ._ops import DropoutInplace  # (also registers the fakes and autograd of the ops)
 
 __all__ = ["bias_dropout_add", "dropout", "dropout_keep_bits", "unpack_keep_bits"]
 
@@ -70,15 +70,16 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
     """Drop each element with probability p and scale the rest by 1/(1 - p); identity when not training.
 
     A drop-in for torch.nn.functional.dropout (same arguments and errors, `input` itself returned when not
-    training; inplace=True writes the result into `input`, for compatibility: it saves no memory), plus the
+    training; inplace=True overwrites `input` without allocating anything and saves no mask), plus the
     draw: `seed` and `offset` (64-bit ints; offset defaults to 0) pick the mask, else a fresh draw is taken
     from torch's default CPU generator. float32, float64, float16 and bfloat16 inputs of any shape.
     """
     p = _check_p(p)
     if not training:
         return input
-    out = _ops_ns.dropout(input, p, _draw(seed, offset))
-    return input.copy_(out) if inplace else out
+    if inplace:
+        return DropoutInplace.apply(input, p, _draw(seed, offset))
+    return _ops_ns.dropout(input, p, _draw(seed, offset))
 
 
 def bias_dropout_add(x: Tensor, bias: Tensor, residual: Tensor, p: float = 0.5, training: bool = True, *,

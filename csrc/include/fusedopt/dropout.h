@@ -8,6 +8,7 @@
 //   keep_bits(call, out)             packed keep bits
 // called only after every check passed and only for non-empty inputs.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <cstdint>
 
@@ -106,6 +107,28 @@ at::Tensor dropout_op(const char* op, c10::DeviceType device, const Run& run, co
   c.y = y.data_ptr();
   if (c.n > 0) run.dropout(c);
   return y;
+}
+
+// Note [In-place dropout]
+// x ← dropout(x) with y = x: the kernels read each element before they write
+// it, and the mask indexes the element, so the result is dropout(x) exactly.
+// Nothing is allocated when x is contiguous (a non-contiguous x is computed in
+// a contiguous copy and written back), and the backward needs only (p, draw),
+// so torch.nn.Dropout(inplace=True)'s memory saving is real here: torch still
+// keeps a mask of one byte per element.
+template <typename Run>
+void dropout_inplace_op(const char* op, c10::DeviceType device, const Run& run, const at::Tensor& x, double p,
+                        const at::Tensor& draw) {
+  DropoutCall c = make_dropout_call(op, p, draw);
+  const at::Tensor xc = dropout_input(op, "input", x, device);
+  TORCH_CHECK(at::has_internal_overlap(x) != at::MemOverlap::Yes, op,
+              ": input has elements that share memory (e.g. an expanded tensor); it cannot be written in place");
+  c.dtype = xc.scalar_type();
+  c.n = xc.numel();
+  c.x = xc.data_ptr();
+  c.y = xc.data_ptr();
+  if (c.n > 0) run.dropout(c);
+  if (!xc.is_same(x)) x.copy_(xc);
 }
 
 template <typename Run>
