@@ -1,0 +1,255 @@
+"""fusedopt under torch.distributed on the CPU: DDP, ZeroRedundancyOptimizer and FSDP2 (fully_shard), each
+run by 2 processes over gloo that the test starts, and checked in the test's own process against
+single-process training.
+
+Note [Distributed references]
+Both ranks train on one batch of 8 rows, rank r on rows 4r..4r+3. DDP, and FSDP2's reduce-scatter, average
+the two half-batch gradients g0, g1: a division by the world size (2: exact) and gloo's sum of two terms
+(commutative: the same on both ranks). The result is bitwise (g0 + g1) / 2, so `_replay` computes g0 and g1
+in one process, with one thread as the workers, and steps on (g0 + g1) / 2: the same elementwise op on the
+same numbers, and the parameters must agree bitwise. Against training on the gradient of the full batch's
+loss (`_train`) only the summation order differs (the matmul's 8 rows summed as 4 + 4), a few float32 ulps
+per gradient element; carried through the steps below that stays within TOL (the parity suite's float32
+tolerance, tests/test_optim.py; measured: at most 6e-8 apart after 6 steps), which the tests also check.
+"""
+import datetime
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import fusedopt
+
+WORLD = 2
+STEPS = 6
+RESUMED = 2  # steps after loading the state_dict (FSDP2)
+TOL = dict(rtol=1e-5, atol=1e-6)
+OPTIMIZERS = {
+    "adam": (fusedopt.Adam, dict(lr=0.01, weight_decay=0.1, amsgrad=True)),
+    # Gradient masking under DDP: every rank draws the same masks from the same grad_mask_seed.
+    "sgd": (fusedopt.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1, grad_keep_prob=0.7,
+                               grad_mask_seed=5)),
+}
+ADAMW = dict(lr=0.01, weight_decay=0.1)
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="this torch build has no torch.distributed with gloo")
+
+
+def _model():
+    torch.manual_seed(0)
+    # 16 x 6 and 3 x 16 weights: FSDP2 splits the second unevenly (2 + 1 rows).
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def _batch():
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(8, 6, generator=gen), torch.randn(8, 3, generator=gen)
+
+
+def _loss(model, rows=slice(None)):
+    x, y = _batch()
+    return nn.functional.mse_loss(model(x[rows]), y[rows])
+
+
+def _half(rank):
+    return slice(4 * rank, 4 * rank + 4)
+
+
+def _replay(model, opt, steps):
+    """Single-process training on (g0 + g1) / 2 (Note [Distributed references])."""
+    for _ in range(steps):
+        halves = []
+        for rank in range(WORLD):
+            model.zero_grad()
+            _loss(model, _half(rank)).backward()
+            halves.append([p.grad.clone() for p in model.parameters()])
+        for p, g0, g1 in zip(model.parameters(), *halves):
+            p.grad = (g0 + g1) / 2
+        opt.step()
+
+
+def _train(model, opt, steps):
+    """Single-process training on the full batch's gradient."""
+    for _ in range(steps):
+        opt.zero_grad()
+        _loss(model).backward()
+        opt.step()
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+# The workers, run by torch.multiprocessing.spawn: each returns what the test checks, saved to rank<r>.pt.
+
+def _ddp(rank, name):
+    from torch.nn.parallel import DistributedDataParallel
+    cls, options = OPTIMIZERS[name]
+    model = DistributedDataParallel(_model())
+    opt = cls(model.parameters(), **options)
+    for _ in range(STEPS):
+        opt.zero_grad()
+        _loss(model, _half(rank)).backward()
+        opt.step()
+    return dict(params=_params(model.module), state=opt.state_dict()["state"])
+
+
+def _zero(rank, _):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+    model = DistributedDataParallel(_model())
+    opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=fusedopt.AdamW, **ADAMW)
+    losses = []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        loss = _loss(model, _half(rank))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    opt.consolidate_state_dict(to=0)
+    return dict(params=_params(model.module), losses=losses, owned=len(opt.optim.param_groups[0]["params"]),
+                local_type=type(opt.optim).__name__, state_dict=opt.state_dict() if rank == 0 else None)
+
+
+def _fsdp(rank, _):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = _model()
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    cls, options = OPTIMIZERS["adam"]
+    opt = cls(model.parameters(), **options)
+    for steps in (STEPS, RESUMED):
+        for _ in range(steps):
+            opt.zero_grad()
+            _loss(model, _half(rank)).backward()
+            assert all(isinstance(p, DTensor) and isinstance(p.grad, DTensor) for p in model.parameters())
+            opt.step()
+        if steps == STEPS:
+            saved = opt.state_dict()
+            state = {i: {k: (type(v).__name__, v.full_tensor() if isinstance(v, DTensor) else v.clone())
+                         for k, v in s.items()} for i, s in saved["state"].items()}
+            opt = cls(model.parameters(), **options)  # resumed from the DTensor state
+            opt.load_state_dict(saved)
+    masked = fusedopt.Adam(model.parameters(), grad_keep_prob=0.5, grad_mask_seed=1)
+    try:
+        masked.step()
+        refused = None
+    except NotImplementedError as e:
+        refused = str(e)
+    return dict(params=[p.full_tensor() for p in model.parameters()],
+                shards=[tuple(p.to_local().shape) for p in model.parameters()], state=state, refused=refused)
+
+
+def _worker(rank, port, out, run, arg):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.save(run(rank, arg), os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(run, arg, tmp_path, monkeypatch):
+    """Runs run(rank, arg) on WORLD gloo ranks; returns their results by rank."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the workers before they import torch
+    mp.spawn(_worker, args=(port, str(tmp_path), run, arg), nprocs=WORLD)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _single():
+    """A single-process run's model (one thread, as the workers: Note [Distributed references])."""
+    torch.set_num_threads(1)  # tests/conftest.py restores it
+    return _model()
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_ddp(name, tmp_path, monkeypatch):
+    ranks = _spawn(_ddp, name, tmp_path, monkeypatch)
+    cls, options = OPTIMIZERS[name]
+    model = _single()
+    opt = cls(model.parameters(), **options)
+    _replay(model, opt, STEPS)
+    for result in ranks:
+        assert all(torch.equal(p, q) for p, q in zip(result["params"], model.parameters()))
+        for i, p in enumerate(model.parameters()):
+            for key, value in opt.state[p].items():
+                assert torch.equal(result["state"][i][key], value), key
+    full = _model()
+    _train(full, cls(full.parameters(), **options), STEPS)
+    torch.testing.assert_close(ranks[0]["params"], _params(full), **TOL)
+    assert not all(torch.equal(p, q) for p, q in zip(ranks[0]["params"], _model().parameters()))  # it trained
+
+
+def test_zero_redundancy_optimizer(tmp_path, monkeypatch):
+    ranks = _spawn(_zero, None, tmp_path, monkeypatch)
+    # Each rank's fusedopt.AdamW steps its own share of the 4 parameters; the loss falls on both.
+    assert [r["local_type"] for r in ranks] == ["AdamW"] * WORLD
+    assert min(r["owned"] for r in ranks) > 0 and sum(r["owned"] for r in ranks) == 4
+    for result in ranks:
+        assert result["losses"][-1] < 0.9 * result["losses"][0], result["losses"]
+    model = _single()
+    opt = fusedopt.AdamW(model.parameters(), **ADAMW)
+    _replay(model, opt, STEPS)
+    for result in ranks:
+        assert all(torch.equal(p, q) for p, q in zip(result["params"], model.parameters()))
+    theirs = _model()
+    torch_opt = torch.optim.AdamW(theirs.parameters(), **ADAMW)
+    _replay(theirs, torch_opt, STEPS)
+    torch.testing.assert_close(ranks[0]["params"], _params(theirs), **TOL)
+
+    # The consolidated state_dict (global parameter numbering) holds the single-process state, and
+    # torch.optim.AdamW loads it and continues as fusedopt.AdamW continues.
+    saved = ranks[0]["state_dict"]
+    assert sorted(saved["state"]) == [0, 1, 2, 3]
+    for i, p in enumerate(model.parameters()):
+        assert saved["state"][i].keys() == opt.state[p].keys()
+        for key, value in opt.state[p].items():
+            assert torch.equal(saved["state"][i][key], value), key
+    resumed = _model()
+    with torch.no_grad():
+        for p, q in zip(resumed.parameters(), ranks[0]["params"]):
+            p.copy_(q)
+    resumed_opt = torch.optim.AdamW(resumed.parameters(), **ADAMW)
+    resumed_opt.load_state_dict(saved)
+    _replay(resumed, resumed_opt, 3)
+    _replay(model, opt, 3)
+    torch.testing.assert_close(_params(resumed), _params(model), **TOL)
+    assert all(resumed_opt.state[p]["step"].item() == STEPS + 3 for p in resumed.parameters())
+
+
+def test_fsdp2_fully_shard(tmp_path, monkeypatch):
+    ranks = _spawn(_fsdp, None, tmp_path, monkeypatch)
+    # Dim-0 shards: (8 + 8, 6), (8 + 8,), (2 + 1, 16), (2 + 1,).
+    assert [r["shards"] for r in ranks] == [[(8, 6), (8,), (2, 16), (2,)], [(8, 6), (8,), (1, 16), (1,)]]
+    cls, options = OPTIMIZERS["adam"]
+    model = _single()
+    opt = cls(model.parameters(), **options)
+    _replay(model, opt, STEPS)
+    for result in ranks:
+        # state_dict() keeps the buffers as DTensors (as torch's optimizers do), the step a plain tensor.
+        for i, p in enumerate(model.parameters()):
+            assert result["state"][i].keys() == opt.state[p].keys()
+            for key, value in opt.state[p].items():
+                kind, saved = result["state"][i][key]
+                assert kind == ("Tensor" if key == "step" else "DTensor"), key
+                assert torch.equal(saved, value), key
+        assert "grad_keep_prob < 1 with DTensor" in result["refused"]
+    _replay(model, opt, RESUMED)
+    for result in ranks:
+        assert all(torch.equal(p, q) for p, q in zip(result["params"], model.parameters()))
+    full = _model()
+    _train(full, cls(full.parameters(), **options), STEPS + RESUMED)
+    torch.testing.assert_close(ranks[0]["params"], _params(full), **TOL)
