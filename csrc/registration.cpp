@@ -11,31 +11,37 @@
   "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()"
 
 // The argument lists of the optimizer ops (the grid-emulation ops at the end
-// of this file take the very same).
-#define FUSEDOPT_SGD_ARGS                                                                    \
+// of this file take the very same), with lr a float or, in each op's
+// `.tensor_lr` overload, a one-element tensor (Note [Tensor lr] in
+// fusedopt/calls.h).
+#define FUSEDOPT_SGD_ARGS(LR)                                                                \
   "(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, "               \
-  "Tensor(d!)[] steps, int[] indices, *, float lr, float momentum=0., float dampening=0., " \
+  "Tensor(d!)[] steps, int[] indices, *, " LR " lr, float momentum=0., float dampening=0., " \
   "bool nesterov=False, bool ema_momentum=False, " FUSEDOPT_COMMON_ARGS
-#define FUSEDOPT_ADAGRAD_ARGS                                                                \
+#define FUSEDOPT_ADAGRAD_ARGS(LR)                                                            \
   "(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] state_sums, "                     \
-  "Tensor(d!)[] steps, int[] indices, *, float lr, float lr_decay=0., float eps=1e-10, "    \
+  "Tensor(d!)[] steps, int[] indices, *, " LR " lr, float lr_decay=0., float eps=1e-10, "    \
   FUSEDOPT_COMMON_ARGS
-#define FUSEDOPT_RMSPROP_ARGS                                                                   \
+#define FUSEDOPT_RMSPROP_ARGS(LR)                                                               \
   "(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] square_avgs, "                       \
   "Tensor(d!)[] grad_avgs, Tensor(e!)[] momentum_buffers, Tensor(f!)[] steps, int[] indices, *, " \
-  "float lr, float alpha=0.99, float eps=1e-8, float momentum=0., bool centered=False, "       \
+  LR " lr, float alpha=0.99, float eps=1e-8, float momentum=0., bool centered=False, "       \
   FUSEDOPT_COMMON_ARGS
-#define FUSEDOPT_ADAM_ARGS                                                                      \
+#define FUSEDOPT_ADAM_ARGS(LR)                                                                  \
   "(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "                          \
   "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] steps, int[] indices, *, " \
-  "float lr, float beta1=0.9, float beta2=0.999, float eps=1e-8, bool amsgrad=False, "         \
+  LR " lr, float beta1=0.9, float beta2=0.999, float eps=1e-8, bool amsgrad=False, "         \
   "bool eps_inside_sqrt=False, " FUSEDOPT_COMMON_ARGS
 
 TORCH_LIBRARY(fusedopt, m) {
-  m.def("sgd_" FUSEDOPT_SGD_ARGS);
-  m.def("adagrad_" FUSEDOPT_ADAGRAD_ARGS);
-  m.def("rmsprop_" FUSEDOPT_RMSPROP_ARGS);
-  m.def("adam_" FUSEDOPT_ADAM_ARGS);
+  m.def("sgd_" FUSEDOPT_SGD_ARGS("float"));
+  m.def("sgd_.tensor_lr" FUSEDOPT_SGD_ARGS("Tensor"));
+  m.def("adagrad_" FUSEDOPT_ADAGRAD_ARGS("float"));
+  m.def("adagrad_.tensor_lr" FUSEDOPT_ADAGRAD_ARGS("Tensor"));
+  m.def("rmsprop_" FUSEDOPT_RMSPROP_ARGS("float"));
+  m.def("rmsprop_.tensor_lr" FUSEDOPT_RMSPROP_ARGS("Tensor"));
+  m.def("adam_" FUSEDOPT_ADAM_ARGS("float"));
+  m.def("adam_.tensor_lr" FUSEDOPT_ADAM_ARGS("Tensor"));
   // a += s·b over fp32: the benchmark's bandwidth yardstick.
   m.def("stream_(Tensor(a!) a, Tensor b, float s) -> ()");
 }
@@ -46,10 +52,14 @@ TORCH_LIBRARY(fusedopt, m) {
 // optimizer ops' own schemas. Not part of the public API (no Python wrappers,
 // no fakes); tests/test_gridemu.py compares them bitwise with the CPU ops.
 TORCH_LIBRARY_FRAGMENT(fusedopt, m) {
-  m.def("_gridemu_sgd_" FUSEDOPT_SGD_ARGS);
-  m.def("_gridemu_adagrad_" FUSEDOPT_ADAGRAD_ARGS);
-  m.def("_gridemu_rmsprop_" FUSEDOPT_RMSPROP_ARGS);
-  m.def("_gridemu_adam_" FUSEDOPT_ADAM_ARGS);
+  m.def("_gridemu_sgd_" FUSEDOPT_SGD_ARGS("float"));
+  m.def("_gridemu_sgd_.tensor_lr" FUSEDOPT_SGD_ARGS("Tensor"));
+  m.def("_gridemu_adagrad_" FUSEDOPT_ADAGRAD_ARGS("float"));
+  m.def("_gridemu_adagrad_.tensor_lr" FUSEDOPT_ADAGRAD_ARGS("Tensor"));
+  m.def("_gridemu_rmsprop_" FUSEDOPT_RMSPROP_ARGS("float"));
+  m.def("_gridemu_rmsprop_.tensor_lr" FUSEDOPT_RMSPROP_ARGS("Tensor"));
+  m.def("_gridemu_adam_" FUSEDOPT_ADAM_ARGS("float"));
+  m.def("_gridemu_adam_.tensor_lr" FUSEDOPT_ADAM_ARGS("Tensor"));
 }
 // ---------------------------------------------------------------------------
 

@@ -4,12 +4,15 @@ The schemas live in csrc/registration.cpp. Every optimizer op updates its lists 
 
     params, grads, <state lists>, steps, indices, *, lr, <rule options>, <common options>
 
+`lr` is a float, or a one-element float32/float64 tensor (on the CPU, or on the params' CUDA device, where the
+kernels read it: the `.tensor_lr` overload of each op, Note [Tensor lr] in csrc/include/fusedopt/calls.h); under
+torch.compile a tensor lr is a graph input, so changing it recompiles nothing.
 `steps` holds one scalar float32/float64 tensor per parameter (steps already taken; on the CPU for CPU
 tensors, on the device otherwise), which the op advances unless `found_inf` is set. `indices[j]` is the
 parameter's number in the optimizer's state_dict (the gradient mask stream). A state list a configuration
 does not use is passed empty. The fakes let torch.compile trace the ops: they only check list lengths.
 """
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -18,14 +21,20 @@ import fusedopt._ext  # noqa: F401  (loads the library that defines torch.ops.fu
 
 __all__ = ["adagrad_", "adam_", "rmsprop_", "sgd_", "stream_"]
 
+
+def _overload(op, lr):
+    """The op's overload for this lr: `.tensor_lr` for a tensor, the default for a float."""
+    return op.tensor_lr if isinstance(lr, Tensor) else op.default
+
+
 def sgd_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], steps: list[Tensor],
-         indices: list[int], *, lr: float, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
-         ema_momentum: bool = False, weight_decay: float = 0.0, l1_decay: float = 0.0,
+         indices: list[int], *, lr: Union[float, Tensor], momentum: float = 0.0, dampening: float = 0.0,
+         nesterov: bool = False, ema_momentum: bool = False, weight_decay: float = 0.0, l1_decay: float = 0.0,
          decoupled_weight_decay: bool = False, maximize: bool = False, grad_keep_prob: float = 1.0,
          grad_mask_seed: int = 0, grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
     """SGD; momentum_buffers is empty when momentum == 0."""
     if params:  # with no tensor at all the dispatcher finds no kernel
-        torch.ops.fusedopt.sgd_(
+        _overload(torch.ops.fusedopt.sgd_, lr)(
             params, grads, momentum_buffers, steps, indices, lr=lr, momentum=momentum, dampening=dampening,
             nesterov=nesterov, ema_momentum=ema_momentum, weight_decay=weight_decay, l1_decay=l1_decay,
             decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, grad_keep_prob=grad_keep_prob,
@@ -33,27 +42,27 @@ def sgd_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tenso
 
 
 def adagrad_(params: list[Tensor], grads: list[Tensor], state_sums: list[Tensor], steps: list[Tensor],
-             indices: list[int], *, lr: float, lr_decay: float = 0.0, eps: float = 1e-10,
+             indices: list[int], *, lr: Union[float, Tensor], lr_decay: float = 0.0, eps: float = 1e-10,
              weight_decay: float = 0.0, l1_decay: float = 0.0, decoupled_weight_decay: bool = False,
              maximize: bool = False, grad_keep_prob: float = 1.0, grad_mask_seed: int = 0,
              grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
     """Adagrad."""
     if params:  # with no tensor at all the dispatcher finds no kernel
-        torch.ops.fusedopt.adagrad_(
+        _overload(torch.ops.fusedopt.adagrad_, lr)(
             params, grads, state_sums, steps, indices, lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
             l1_decay=l1_decay, decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
             grad_keep_prob=grad_keep_prob, grad_mask_seed=grad_mask_seed, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def rmsprop_(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor], grad_avgs: list[Tensor],
-             momentum_buffers: list[Tensor], steps: list[Tensor], indices: list[int], *, lr: float,
+             momentum_buffers: list[Tensor], steps: list[Tensor], indices: list[int], *, lr: Union[float, Tensor],
              alpha: float = 0.99, eps: float = 1e-8, momentum: float = 0.0, centered: bool = False,
              weight_decay: float = 0.0, l1_decay: float = 0.0, decoupled_weight_decay: bool = False,
              maximize: bool = False, grad_keep_prob: float = 1.0, grad_mask_seed: int = 0,
              grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
     """RMSprop; grad_avgs is empty unless centered, momentum_buffers unless momentum > 0."""
     if params:  # with no tensor at all the dispatcher finds no kernel
-        torch.ops.fusedopt.rmsprop_(
+        _overload(torch.ops.fusedopt.rmsprop_, lr)(
             params, grads, square_avgs, grad_avgs, momentum_buffers, steps, indices, lr=lr, alpha=alpha, eps=eps,
             momentum=momentum, centered=centered, weight_decay=weight_decay, l1_decay=l1_decay,
             decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, grad_keep_prob=grad_keep_prob,
@@ -61,14 +70,14 @@ def rmsprop_(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor
 
 
 def adam_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-          max_exp_avg_sqs: list[Tensor], steps: list[Tensor], indices: list[int], *, lr: float,
+          max_exp_avg_sqs: list[Tensor], steps: list[Tensor], indices: list[int], *, lr: Union[float, Tensor],
           beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, amsgrad: bool = False,
           eps_inside_sqrt: bool = False, weight_decay: float = 0.0, l1_decay: float = 0.0,
           decoupled_weight_decay: bool = False, maximize: bool = False, grad_keep_prob: float = 1.0,
           grad_mask_seed: int = 0, grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
     """Adam / AdamW (decoupled_weight_decay=True); max_exp_avg_sqs is empty unless amsgrad."""
     if params:  # with no tensor at all the dispatcher finds no kernel
-        torch.ops.fusedopt.adam_(
+        _overload(torch.ops.fusedopt.adam_, lr)(
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, indices, lr=lr, beta1=beta1, beta2=beta2,
             eps=eps, amsgrad=amsgrad, eps_inside_sqrt=eps_inside_sqrt, weight_decay=weight_decay, l1_decay=l1_decay,
             decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, grad_keep_prob=grad_keep_prob,
@@ -100,6 +109,7 @@ def _fake(op: str, n_states: int):
 
 for _op, _n in [("sgd_", 1), ("adagrad_", 1), ("rmsprop_", 3), ("adam_", 3)]:
     torch.library.register_fake(f"fusedopt::{_op}", _fake(_op, _n))
+    torch.library.register_fake(f"fusedopt::{_op}.tensor_lr", _fake(_op, _n))
 
 
 @torch.library.register_fake("fusedopt::stream_")

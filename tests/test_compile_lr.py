@@ -1,12 +1,9 @@
 """A Tensor lr changed by an LR scheduler under torch.compile(opt.step, fullgraph=True): one compilation,
 results bitwise equal to eager.
 
-This fails today (strict xfail): step() hands the op float(group["lr"]); under dynamo that float is a
-data-dependent SymFloat, and the ops' schemas take `float lr`, which a SymFloat cannot fill, so tracing
-raises. It needs ops that take `Tensor lr` (as torch's _fused_adam_.tensor_lr does), a schema change;
-remove the marker when they exist.
+step() hands a tensor lr to the ops' `.tensor_lr` overloads (Note [Tensor lr] in csrc/include/fusedopt/calls.h), so
+under dynamo the lr is a graph input rather than a specialized float.
 """
-import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
@@ -15,8 +12,6 @@ import fusedopt
 SHAPES = [(3, 5), (7,)]
 
 
-@pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.TorchRuntimeError,
-                   reason="the ops take `float lr`: a Tensor lr needs a Tensor-lr overload of each op")
 def test_tensor_lr_scheduler_compiles_once():
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(0)

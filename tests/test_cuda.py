@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import fusedopt
 import fusedopt._ext
 import fusedopt.reference as ref
 from test_gridemu import (DECAYS, DTYPES, EXTRAS, SEED, STATE_LISTS, VARIANTS, Case, _assert_bitwise, _dt)
@@ -205,6 +206,78 @@ def test_graph_capture_reads_amp_on_device(opt):
     torch.cuda.synchronize()
     _assert_bitwise(to_cpu(dev), want, "graph replay")
     assert [t.item() for t in want[1]] == [3, 5, 10]
+
+
+def _call_lr(case, op, tensors, steps, lr):
+    lists = [tensors[name] if name in tensors else [] for name, _ in STATE_LISTS[case.opt]]
+    options = {k: v for k, v in case.options.items() if k != "lr"}
+    op(tensors["params"], tensors["grads"], *lists, steps, case.indices, lr=lr, **options)
+
+
+@pytest.mark.parametrize("opt", list(VARIANTS))
+def test_graph_replays_a_tensor_lr_on_device(opt):
+    """Note [Tensor lr]: an lr on the device is read by the kernels; a captured step replays whatever the
+    tensor holds, equal to the CPU op called with that value, bit for bit."""
+    options = {**VARIANTS[opt][-1], "weight_decay": 0.1, "l1_decay": 0.01, "decoupled_weight_decay": True}
+    case = Case(opt, options, torch.float32, [3, 1000, 65537], steps0=[0, 2, 7], seed=10)
+    dev, want = case.clone(CUDA), case.clone()
+    lr = torch.tensor(options["lr"], device=CUDA)
+    op = getattr(OPS, opt + "_")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # load the kernel before capturing it
+        _call_lr(case, op.tensor_lr, *case.clone(CUDA), lr)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _call_lr(case, op.tensor_lr, *dev, lr)
+    for value in (options["lr"], options["lr"] / 4, 0.0, options["lr"] * 3):
+        lr.fill_(value)
+        graph.replay()
+        _call_lr(case, op.default, *want, lr.item())
+    torch.cuda.synchronize()
+    _assert_bitwise(to_cpu(dev), want, "tensor lr replay")
+
+
+def test_optimizer_step_with_device_lr_captures():
+    """fusedopt.Adam with lr a tensor on the device: step() makes no host sync, so it captures into a CUDA
+    graph; replays with new gradients and a scheduler-changed lr equal eager steps, bit for bit."""
+    torch.manual_seed(0)
+    shapes = [(64, 33), (33,), (7, 5)]
+    eager = [torch.randn(s, device=CUDA) for s in shapes]
+    graphed = [p.clone() for p in eager]
+    opts = [fusedopt.Adam(ps, lr=torch.tensor(0.01, device=CUDA), weight_decay=0.1, grad_keep_prob=0.8,
+                          grad_mask_seed=3) for ps in (eager, graphed)]
+    for ps in (eager, graphed):
+        for p in ps:
+            p.grad = torch.zeros_like(p)
+    for o in opts:
+        o.step()  # creates the state outside the capture
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            opts[1].step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            opts[1].step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    opts[0].step()  # the warm-up step above, for the eager twin
+    for k in range(4):
+        grads = [torch.randn(s, device=CUDA) for s in shapes]
+        for e, g_, g in zip(eager, graphed, grads):
+            e.grad.copy_(g)
+            g_.grad.copy_(g)
+        for o in opts:
+            o.param_groups[0]["lr"].fill_(0.01 * 0.5 ** k)
+        opts[0].step()
+        graph.replay()
+    torch.cuda.synchronize()
+    for e, g in zip(eager, graphed):
+        assert torch.equal(e, g)
 
 
 def test_sync_debug_mode():

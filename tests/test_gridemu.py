@@ -136,9 +136,10 @@ def _default_plan(monkeypatch):
 
 def test_same_schemas():
     for opt in STATE_LISTS:
-        real = str(getattr(OPS, opt + "_").default._schema)
-        emu = str(getattr(OPS, "_gridemu_" + opt + "_").default._schema)
-        assert emu == real.replace(f"fusedopt::{opt}_(", f"fusedopt::_gridemu_{opt}_(", 1)
+        for overload in ("default", "tensor_lr"):
+            real = str(getattr(getattr(OPS, opt + "_"), overload)._schema)
+            emu = str(getattr(getattr(OPS, "_gridemu_" + opt + "_"), overload)._schema)
+            assert emu == real.replace(f"fusedopt::{opt}_", f"fusedopt::_gridemu_{opt}_", 1)
 
 
 # Every optimizer × variant × decay × extra × dtype, 3 chained steps, odd sizes, bitwise; once with the
@@ -295,3 +296,44 @@ def test_bad_plan_limits(limits, plan):
     plan(limits)
     with pytest.raises(RuntimeError, match="FUSEDOPT_GRIDEMU_PLAN|launch plan"):
         OPS._gridemu_sgd_([torch.zeros(3)], [torch.zeros(3)], [], [torch.zeros(())], [0], lr=0.1)
+
+
+def _call_lr(case, op, tensors, steps, lr):
+    lists = [tensors[name] if name in tensors else [] for name, _ in STATE_LISTS[case.opt]]
+    options = {k: v for k, v in case.options.items() if k != "lr"}
+    op(tensors["params"], tensors["grads"], *lists, steps, case.indices, lr=lr, **options)
+
+
+@pytest.mark.parametrize("opt", list(VARIANTS))
+@pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64], ids=_dt)
+def test_tensor_lr(opt, lr_dtype, plan):
+    """Note [Tensor lr]: the `.tensor_lr` overloads give the float op's bits for the tensor's value. The
+    emulation reads lr through a pointer in every chunk body, as the CUDA kernels read an lr on the device;
+    the CPU op reads it on the host. A new value in the same tensor is used by the next call."""
+    plan("2,3,16,8")
+    for dtype in DTYPES:
+        options = {**VARIANTS[opt][-1], "weight_decay": 0.1, "l1_decay": 0.01, "decoupled_weight_decay": True}
+        lr = torch.tensor(options["lr"], dtype=lr_dtype)
+        case = Case(opt, {**options, "lr": lr.item()}, dtype, [5, 33, 64, 1], steps0=[0, 4, 1, 2],
+                    seed=zlib.crc32(repr((opt, dtype, lr_dtype)).encode()))
+        want, emu, cpu = case.clone(), case.clone(), case.clone()
+        for value in (lr.item(), lr.item() / 3):
+            lr.fill_(value)
+            _call_lr(case, getattr(OPS, opt + "_").default, *want, lr.item())
+            _call_lr(case, getattr(OPS, "_gridemu_" + opt + "_").tensor_lr, *emu, lr)
+            _call_lr(case, getattr(OPS, opt + "_").tensor_lr, *cpu, lr)
+        _assert_bitwise(emu, want, f"emulated tensor lr {_dt(dtype)}")
+        _assert_bitwise(cpu, want, f"CPU tensor lr {_dt(dtype)}")
+
+
+@pytest.mark.parametrize("op", ["sgd_", "_gridemu_sgd_"])
+def test_bad_tensor_lr(op):
+    args = ([torch.zeros(3)], [torch.zeros(3)], [], [torch.zeros(())], [0])
+    for lr, match in [(torch.zeros(2), "one element"), (torch.tensor(1), "float32 or float64")]:
+        with pytest.raises(RuntimeError, match=match):
+            getattr(OPS, op).tensor_lr(*args, lr=lr)
+    if op == "sgd_":  # the public op: read on the host, checked like a float lr; sparse reaches it too
+        with pytest.raises(RuntimeError, match="invalid lr"):
+            OPS.sgd_.tensor_lr(*args, lr=torch.tensor(-1.0))
+        with pytest.raises(RuntimeError, match="dense"):
+            OPS.sgd_.tensor_lr(*args, lr=torch.zeros(1).to_sparse())

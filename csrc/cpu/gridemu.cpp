@@ -72,56 +72,72 @@ void run(const OptimizerCall<Hyper>& call, at::TensorList steps, const std::opti
                             });
 }
 
+template <typename Lr>
 void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, at::TensorList steps,
-          at::IntArrayRef indices, double lr, double momentum, double dampening, bool nesterov, bool ema_momentum,
+          at::IntArrayRef indices, Lr lr, double momentum, double dampening, bool nesterov, bool ema_momentum,
           double weight_decay, double l1_decay, bool decoupled, bool maximize, double grad_keep_prob,
           int64_t grad_mask_seed, const std::optional<at::Tensor>& grad_scale,
           const std::optional<at::Tensor>& found_inf) {
-  const auto call = sgd_call(params, grads, momentum_buffers, steps, indices, lr, momentum, dampening, nesterov,
-                             ema_momentum, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob,
-                             grad_mask_seed, grad_scale, found_inf, c10::DeviceType::CPU);
+  const KernelLr klr = kernel_lr("sgd_", lr, params, true);
+  auto call = sgd_call(params, grads, momentum_buffers, steps, indices, klr.value, momentum, dampening, nesterov,
+                       ema_momentum, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob,
+                       grad_mask_seed, grad_scale, found_inf, c10::DeviceType::CPU);
+  call.lr = klr.ptr();
   run(call, steps, grad_scale, found_inf);
 }
 
+template <typename Lr>
 void adagrad_(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList steps,
-              at::IntArrayRef indices, double lr, double lr_decay, double eps, double weight_decay,
+              at::IntArrayRef indices, Lr lr, double lr_decay, double eps, double weight_decay,
               double l1_decay, bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed,
               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const auto call = adagrad_call(params, grads, state_sums, steps, indices, lr, lr_decay, eps, weight_decay,
-                                 l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed, grad_scale,
-                                 found_inf, c10::DeviceType::CPU);
+  const KernelLr klr = kernel_lr("adagrad_", lr, params, true);
+  auto call = adagrad_call(params, grads, state_sums, steps, indices, klr.value, lr_decay, eps, weight_decay,
+                           l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed, grad_scale,
+                           found_inf, c10::DeviceType::CPU);
+  call.lr = klr.ptr();
   run(call, steps, grad_scale, found_inf);
 }
 
+template <typename Lr>
 void rmsprop_(at::TensorList params, at::TensorList grads, at::TensorList square_avgs, at::TensorList grad_avgs,
-              at::TensorList momentum_buffers, at::TensorList steps, at::IntArrayRef indices, double lr,
+              at::TensorList momentum_buffers, at::TensorList steps, at::IntArrayRef indices, Lr lr,
               double alpha, double eps, double momentum, bool centered, double weight_decay, double l1_decay,
               bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed,
               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const auto call = rmsprop_call(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, indices, lr,
-                                 alpha, eps, momentum, centered, weight_decay, l1_decay, decoupled, maximize,
-                                 grad_keep_prob, grad_mask_seed, grad_scale, found_inf, c10::DeviceType::CPU);
+  const KernelLr klr = kernel_lr("rmsprop_", lr, params, true);
+  auto call = rmsprop_call(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, indices, klr.value,
+                           alpha, eps, momentum, centered, weight_decay, l1_decay, decoupled, maximize,
+                           grad_keep_prob, grad_mask_seed, grad_scale, found_inf, c10::DeviceType::CPU);
+  call.lr = klr.ptr();
   run(call, steps, grad_scale, found_inf);
 }
 
+template <typename Lr>
 void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-           at::TensorList max_exp_avg_sqs, at::TensorList steps, at::IntArrayRef indices, double lr, double beta1,
+           at::TensorList max_exp_avg_sqs, at::TensorList steps, at::IntArrayRef indices, Lr lr, double beta1,
            double beta2, double eps, bool amsgrad, bool eps_inside_sqrt, double weight_decay, double l1_decay,
            bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed,
            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const auto call = adam_call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, indices, lr, beta1,
-                              beta2, eps, amsgrad, eps_inside_sqrt, weight_decay, l1_decay, decoupled, maximize,
-                              grad_keep_prob, grad_mask_seed, grad_scale, found_inf, c10::DeviceType::CPU);
+  const KernelLr klr = kernel_lr("adam_", lr, params, true);
+  auto call = adam_call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, indices, klr.value, beta1,
+                        beta2, eps, amsgrad, eps_inside_sqrt, weight_decay, l1_decay, decoupled, maximize,
+                        grad_keep_prob, grad_mask_seed, grad_scale, found_inf, c10::DeviceType::CPU);
+  call.lr = klr.ptr();
   run(call, steps, grad_scale, found_inf);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedopt, CPU, m) {
-  m.impl("_gridemu_sgd_", &sgd_);
-  m.impl("_gridemu_adagrad_", &adagrad_);
-  m.impl("_gridemu_rmsprop_", &rmsprop_);
-  m.impl("_gridemu_adam_", &adam_);
+  m.impl("_gridemu_sgd_", &sgd_<double>);
+  m.impl("_gridemu_sgd_.tensor_lr", &sgd_<const at::Tensor&>);
+  m.impl("_gridemu_adagrad_", &adagrad_<double>);
+  m.impl("_gridemu_adagrad_.tensor_lr", &adagrad_<const at::Tensor&>);
+  m.impl("_gridemu_rmsprop_", &rmsprop_<double>);
+  m.impl("_gridemu_rmsprop_.tensor_lr", &rmsprop_<const at::Tensor&>);
+  m.impl("_gridemu_adam_", &adam_<double>);
+  m.impl("_gridemu_adam_.tensor_lr", &adam_<const at::Tensor&>);
 }
 
 }  // namespace fusedopt::gridemu

@@ -31,6 +31,7 @@ struct OptimizerCall {
   Hyper hyper;
   float grad_scale = 1;  // CPU: read on the host
   bool scaled = false;
+  const double* lr = nullptr;  // CUDA, grid emulation: lr read by the kernel (Note [Tensor lr])
 };
 
 }  // namespace fusedopt

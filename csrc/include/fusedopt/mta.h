@@ -185,6 +185,7 @@ struct Args {
   Hyper hyper;
   const float* grad_scale;  // null: no AMP unscaling
   const float* found_inf;   // null: never skipped
+  const double* lr;         // null: common.lr (Note [Tensor lr])
 };
 
 // Note [Vector accesses]
@@ -238,13 +239,14 @@ FUSEDOPT_HD inline uint32_t keep_bits(const math::Common& c, uint64_t offset, in
 
 // Note [Chunk body]
 // Thread `tid` of `threads` in block `block` of a launch: finds its slot and
-// chunk, reads the step, grad_scale and found_inf, builds the element body
-// make_body(t, pre) and runs it over elements begin + (tid + k·threads)·G of
-// the chunk, G at a time, one element at a time: x[0] = θ, x[1] = g, x[2..] =
-// state, as op-math values, exactly as the CPU kernels' bodies see them. The
-// results never depend on the path (16-byte or scalar), the block size or the
-// plan: every element goes through the same scalar operations. The gradient is
-// stored only when AMP unscaled it (x[1] = g / grad_scale after the body).
+// chunk, reads the step, grad_scale, found_inf and a tensor lr, builds the
+// element body make_body(t, pre, common) and runs it over elements
+// begin + (tid + k·threads)·G of the chunk, G at a time, one element at a
+// time: x[0] = θ, x[1] = g, x[2..] = state, as op-math values, exactly as the
+// CPU kernels' bodies see them. The results never depend on the path (16-byte
+// or scalar), the block size or the plan: every element goes through the same
+// scalar operations. The gradient is stored only when AMP unscaled it
+// (x[1] = g / grad_scale after the body).
 template <typename scalar_t, int N, bool MASK, typename A, typename MakeBody>
 FUSEDOPT_HD inline void optimizer_chunk(const A& a, int64_t block, int64_t tid, int64_t threads,
                                         const MakeBody& make_body) {
@@ -258,8 +260,10 @@ FUSEDOPT_HD inline void optimizer_chunk(const A& a, int64_t block, int64_t tid, 
   const int64_t end = begin + tab.chunk < tab.numel[s] ? begin + tab.chunk : tab.numel[s];
   const int64_t t = read_step(tab.step[s], info & kDoubleStep) + 1;
   const bool scaled = a.grad_scale != nullptr;
-  const math::Pre<S> pre = math::make_pre<S>(a.common, scaled ? *a.grad_scale : 1.0f, scaled);
-  const auto body = make_body(t, pre);
+  math::Common common = a.common;
+  if (a.lr != nullptr) common.lr = *a.lr;
+  const math::Pre<S> pre = math::make_pre<S>(common, scaled ? *a.grad_scale : 1.0f, scaled);
+  const auto body = make_body(t, pre, common);
   const uint64_t offset = philox::grad_mask_offset(t, static_cast<int64_t>(info & kIndexMask));
   const bool vec = (info & kAligned) != 0;
   scalar_t* ptr[N];
@@ -313,8 +317,8 @@ struct SgdChunk {
   using Args = mta::Args<N, math::SgdHyper>;
   using S = typename OpMath<scalar_t>::type;
   FUSEDOPT_HD static void run(const Args& a, int64_t block, int64_t tid, int64_t threads) {
-    optimizer_chunk<scalar_t, N, MASK>(a, block, tid, threads, [&](int64_t t, const math::Pre<S>& pre) {
-      const auto c = math::sgd_consts<S>(a.common, a.hyper, t);
+    optimizer_chunk<scalar_t, N, MASK>(a, block, tid, threads, [&](int64_t t, const auto& pre, const auto& common) {
+      const auto c = math::sgd_consts<S>(common, a.hyper, t);
       return [=](S* x, S keep) { math::sgd_step<D, MASK, MOMENTUM, NESTEROV, EMA>(x, keep, pre, c); };
     });
   }
@@ -326,8 +330,8 @@ struct AdagradChunk {
   using Args = mta::Args<N, math::AdagradHyper>;
   using S = typename OpMath<scalar_t>::type;
   FUSEDOPT_HD static void run(const Args& a, int64_t block, int64_t tid, int64_t threads) {
-    optimizer_chunk<scalar_t, N, MASK>(a, block, tid, threads, [&](int64_t t, const math::Pre<S>& pre) {
-      const auto c = math::adagrad_consts<S>(a.common, a.hyper, t);
+    optimizer_chunk<scalar_t, N, MASK>(a, block, tid, threads, [&](int64_t t, const auto& pre, const auto& common) {
+      const auto c = math::adagrad_consts<S>(common, a.hyper, t);
       return [=](S* x, S keep) { math::adagrad_step<D, MASK>(x, keep, pre, c); };
     });
   }
@@ -340,8 +344,8 @@ struct RmspropChunk {
   using Args = mta::Args<N, math::RmspropHyper>;
   using S = typename OpMath<scalar_t>::type;
   FUSEDOPT_HD static void run(const Args& a, int64_t block, int64_t tid, int64_t threads) {
-    optimizer_chunk<scalar_t, N, MASK>(a, block, tid, threads, [&](int64_t t, const math::Pre<S>& pre) {
-      const auto c = math::rmsprop_consts<S>(a.common, a.hyper, t);
+    optimizer_chunk<scalar_t, N, MASK>(a, block, tid, threads, [&](int64_t t, const auto& pre, const auto& common) {
+      const auto c = math::rmsprop_consts<S>(common, a.hyper, t);
       return [=](S* x, S keep) { math::rmsprop_step<D, MASK, CENTERED, MOMENTUM>(x, keep, pre, c); };
     });
   }
@@ -353,8 +357,8 @@ struct AdamChunk {
   using Args = mta::Args<N, math::AdamHyper>;
   using S = typename OpMath<scalar_t>::type;
   FUSEDOPT_HD static void run(const Args& a, int64_t block, int64_t tid, int64_t threads) {
-    optimizer_chunk<scalar_t, N, MASK>(a, block, tid, threads, [&](int64_t t, const math::Pre<S>& pre) {
-      const auto c = math::adam_consts<S>(a.common, a.hyper, t);
+    optimizer_chunk<scalar_t, N, MASK>(a, block, tid, threads, [&](int64_t t, const auto& pre, const auto& common) {
+      const auto c = math::adam_consts<S>(common, a.hyper, t);
       return [=](S* x, S keep) { math::adam_step<D, MASK, AMSGRAD>(x, keep, pre, c); };
     });
   }
@@ -428,6 +432,7 @@ void for_each_launch(const OptimizerCall<Hyper>& call, at::TensorList steps, con
   args.hyper = call.hyper;
   args.grad_scale = grad_scale;
   args.found_inf = found_inf;
+  args.lr = call.lr;
   plan(call.tensors, steps, lim, args.tab, [&] { launch(static_cast<const typename Body::Args&>(args)); });
 }
 
