@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make bench   the main job: fusedopt against torch, interleaved (~1 minute on 2 cores)
-#   make test    the test suite (and, where nvcc exists, the CUDA build check)
+#   make test    the test suite, the sanitizer check (ASan+UBSan build, op tests) and, where nvcc
+#                exists, the CUDA build check
 # Both set up .venv (torch 2.13.0 CPU wheel + tools) and build the extension
 # incrementally on first use.
 PYTHON ?= python3
@@ -27,6 +28,7 @@ bench: build
 
 test: build
 	$(PY) -m pytest -q tests
+	bash scripts/sanitize_check.sh $(PY)
 	bash scripts/cuda_build_check.sh
 
 clean:

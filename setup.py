@@ -28,8 +28,24 @@ ISAS = {
 # -fopenmp: at::parallel_for is an inline OpenMP region; without the flag it
 # silently runs on one thread.
 CXX_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off", "-fno-fast-math", "-fopenmp"]
-if os.environ.get("FUSEDOPT_SANITIZE") == "1":
-    CXX_FLAGS += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
+
+# Note [Sanitizer build]
+# FUSEDOPT_SANITIZE=1 (scripts/sanitize_check.sh builds so in a copy of the
+# tree) compiles and links with ASan and UBSan; -fno-sanitize-recover makes
+# every UB report abort, so a test cannot pass over one. -O1 -g1 (line tables)
+# as ASan advises: readable reports and a build far shorter than -O3 -g.
+# FUSEDOPT_CPU_ISAS=DEFAULT[,AVX2][,AVX512] builds only those ISAs' kernels
+# (to keep that build short); each one left out is defined away as
+# FUSEDOPT_WITHOUT_<ISA> and csrc/cpu/isa.h never picks it.
+SANITIZE = os.environ.get("FUSEDOPT_SANITIZE") == "1"
+if SANITIZE:
+    CXX_FLAGS = ["-O1", "-g1"] + CXX_FLAGS[1:] + [
+        "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+_wanted = os.environ.get("FUSEDOPT_CPU_ISAS", ",".join(ISAS)).split(",")
+if "DEFAULT" not in _wanted or not set(_wanted) <= set(ISAS):
+    sys.exit(f"FUSEDOPT_CPU_ISAS must list DEFAULT and only {', '.join(ISAS)}; got {','.join(_wanted)}")
+CXX_FLAGS += [f"-DFUSEDOPT_WITHOUT_{isa}" for isa in ISAS if isa not in _wanted]
+ISAS = {isa: flags for isa, flags in ISAS.items() if isa in _wanted}
 
 
 def want_cuda():
@@ -70,8 +86,12 @@ def isa_objects(build_dir: Path):
 class Build(cpp_extension.BuildExtension):
     def build_extensions(self):
         objects = isa_objects((Path(self.build_temp) / "isa").resolve())
+        # setuptools relinks only when a listed source is newer than the library: the ISA objects and the
+        # headers count too (ninja then recompiles only what changed).
+        headers = [str(p) for ext in ("h", "cuh") for p in CSRC.rglob(f"*.{ext}")]
         for ext in self.extensions:
             ext.extra_objects = list(ext.extra_objects or []) + objects
+            ext.depends = list(ext.depends or []) + objects + headers
         super().build_extensions()
 
 
@@ -80,6 +100,8 @@ def write_build_info(cuda: bool):
         "torch": torch.__version__,
         "cuda": torch.version.cuda if cuda else None,
         "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+        "cpu_isas": list(ISAS),
+        "sanitize": SANITIZE,
     }
     (ROOT / "fusedopt" / "_build_info.py").write_text(
         '"""Written by setup.py: what this build of fusedopt._C was compiled against."""\n'
@@ -93,7 +115,7 @@ def extension():
     sources = ["csrc/registration.cpp", "csrc/cpu/ops.cpp", "csrc/cpu/gridemu.cpp", "csrc/cpu/dropout_ops.cpp"]
     include_dirs = [str(CSRC / "include"), str(CSRC / "cpu")]
     cxx = CXX_FLAGS + ["-DFUSEDOPT_CPU_ONLY"] * (not cuda)
-    extra_link = ["-fopenmp"] + (["-fsanitize=address,undefined"] if "-g" in CXX_FLAGS else [])
+    extra_link = ["-fopenmp"] + ["-fsanitize=address,undefined"] * SANITIZE
     if not cuda:
         return cpp_extension.CppExtension(
             "fusedopt._C", sources, include_dirs=include_dirs,

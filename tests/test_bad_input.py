@@ -237,6 +237,23 @@ def test_aliasing_rejected(opt, how):
     expect_error(call, r"share memory; every mutated tensor must be distinct")
 
 
+@pytest.mark.parametrize("opt", list(STATE_LISTS))
+def test_aliasing_rejected_after_the_same_tensors_passed(opt):
+    """Note [Aliasing]: a call with the byte ranges of a call that passed skips the sort. An aliasing call
+    is still rejected after passing calls (more of them than are remembered), and the valid call then
+    passes again."""
+    call = Call(opt, sizes=(5, 35, 1))
+    others = [Call(opt, sizes=(3, 4)) for _ in range(5)]
+    for c in [call, *others, call, call]:
+        c()
+    grad = call.lists["grads"][1]
+    call.lists["grads"][1] = call.lists["params"][1]
+    expect_error(call, r"share memory; every mutated tensor must be distinct")
+    call.lists["grads"][1] = grad
+    call()
+    assert [s.item() for s in call.lists["steps"]] == [6.0, 6.0, 6.0]
+
+
 def test_disjoint_views_of_one_storage_are_fine():
     """Views that do not overlap are legal: adjacent slices of one flat buffer (how FSDP flattens)."""
     call = Call("adam")

@@ -1,7 +1,7 @@
 #pragma once
 // The CPU driver: one flat list of chunks over every tensor of a call, split
 // across threads by at::parallel_for, and an element loop that runs a rule
-// body on op-math vectors and then on scalars for the tail.
+// body on op-math vectors, the last one partial.
 #include <ATen/Parallel.h>
 
 #include <cstdint>
@@ -60,9 +60,23 @@ struct KeepDraw {
   mutable KeepCache cache;
 };
 
-// Runs body(x, keep) over elements [begin, end): x[k] holds element i of the
-// k-th array as op-math (vector, then scalar for the tail); arrays whose bit is
-// set in `stores` are written back.
+// Note [Partial vector tail]
+// The elements after the last whole vector of a run (all of a tensor smaller
+// than a vector: most of a 3000-small-tensor model) are one partial vector:
+// the first n lanes are loaded, the others are 0, the rule runs on the whole
+// vector and only the n lanes are stored. Every op of a rule is lane-wise and
+// IEEE (fo::fma fused, sqrt and / correctly rounded, also in the DEFAULT
+// build), so lane k holds the bits the scalar rule would give element k (but
+// for a NaN's payload and sign: ATen's vector maximum returns all-ones NaNs,
+// so every element now gets the whole vectors' NaN). The padding lanes may
+// compute 0/0; floating-point exceptions are masked (the C and torch
+// default), so that sets a flag at most and never traps, and those lanes are
+// never stored. Their keep bits are 0, and lane k's bit is element i + k's,
+// as in whole vectors.
+
+// Runs body(x, keep) over elements [begin, end): x[k] holds W elements (a
+// partial vector last) of the k-th array as op-math; arrays whose bit is set
+// in `stores` are written back.
 template <typename scalar_t, int N, bool MASK, typename Body>
 inline void elementwise(scalar_t* const* ptr, int64_t begin, int64_t end, unsigned stores,
                         const KeepDraw& draw, const Body& rule_body) {
@@ -73,29 +87,26 @@ inline void elementwise(scalar_t* const* ptr, int64_t begin, int64_t end, unsign
   using V = typename Io::V;
   using S = typename Io::S;
   constexpr int W = Io::W;
-  int64_t i = begin;
-  for (; i + W <= end; i += W) {
+  // n lanes from element i; n == W (a constant in the main loop) loads whole vectors.
+  auto block = [&](int64_t i, int n) {
     V x[N];
-    for (int k = 0; k < N; ++k) x[k] = Io::load(ptr[k] + i);
+    for (int k = 0; k < N; ++k) x[k] = n == W ? Io::load(ptr[k] + i) : Io::load(ptr[k] + i, n);
     V keep(S(1));
     if constexpr (MASK) {
-      S bits[W];
-      draw.fill(bits, i, W);
+      S bits[W] = {};
+      draw.fill(bits, i, n);
       keep = V::loadu(bits);
     }
     body(x, keep);
     for (int k = 0; k < N; ++k)
-      if (stores >> k & 1u) Io::store(ptr[k] + i, x[k]);
-  }
-  for (; i < end; ++i) {
-    S x[N];
-    for (int k = 0; k < N; ++k) x[k] = static_cast<S>(ptr[k][i]);
-    S keep = S(1);
-    if constexpr (MASK) draw.fill(&keep, i, 1);
-    body(x, keep);
-    for (int k = 0; k < N; ++k)
-      if (stores >> k & 1u) ptr[k][i] = static_cast<scalar_t>(x[k]);
-  }
+      if (stores >> k & 1u) {
+        if (n == W) Io::store(ptr[k] + i, x[k]);
+        else Io::store(ptr[k] + i, x[k], n);
+      }
+  };
+  int64_t i = begin;
+  for (; i + W <= end; i += W) block(i, W);
+  if (i < end) block(i, static_cast<int>(end - i));  // Note [Partial vector tail]
 }
 
 // The pointers of the first N lists of tensor t, typed.
@@ -104,22 +115,29 @@ inline void typed(const TensorRef& t, scalar_t* (&out)[N]) {
   for (int k = 0; k < N; ++k) out[k] = static_cast<scalar_t*>(t.ptr[k]);
 }
 
-// Runs an optimizer over a validated call. `rule(t, S{})` is called once per
-// chunk with the tensor and an op-math tag, and returns the element body
-// body(x, keep): x[0] = θ, x[1] = g, x[2..] = state, as op-math values.
-// The gradient is stored back only when it was unscaled (AMP).
+// Runs an optimizer over a validated call. `rule(step, S{})` returns the
+// element body body(x, keep) for tensors at that 1-based step, with an op-math
+// tag: x[0] = θ, x[1] = g, x[2..] = state, as op-math vectors. Its constants
+// (bias corrections in double, ...) are made once per call for the step of the
+// first tensor, which is every tensor's in the usual case, and per chunk for
+// tensors at another step. The gradient is stored back only when it was
+// unscaled (AMP).
 template <int N, bool MASK, typename Call, typename Rule>
 void run_optimizer(const Call& call, const Rule& rule) {
+  if (call.tensors.empty()) return;
   const unsigned stores = ((1u << N) - 1u) & ~(call.scaled ? 0u : 2u);
   FUSEDOPT_DISPATCH_FLOATING(call.dtype, "fusedopt", [&] {
     using S = typename OpMath<scalar_t>::type;
+    const int64_t step = call.tensors.front().step;
+    const auto shared = rule(step, S{});
     for_each_chunk(call.tensors, [&](const TensorRef& t, int64_t begin, int64_t end) {
       scalar_t* ptr[N];
       typed(t, ptr);
       KeepDraw draw;
       if constexpr (MASK)
         draw = {call.common.seed, philox::grad_mask_offset(t.step, t.index), call.common.threshold};
-      elementwise<scalar_t, N, MASK>(ptr, begin, end, stores, draw, rule(t, S{}));
+      if (t.step == step) elementwise<scalar_t, N, MASK>(ptr, begin, end, stores, draw, shared);
+      else elementwise<scalar_t, N, MASK>(ptr, begin, end, stores, draw, rule(t.step, S{}));
     });
   });
 }

@@ -2,45 +2,14 @@
 // and steps on the host, pick the ISA, run the kernel, advance the steps.
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
-#include <string>
+#include <cmath>
 
-#include "fusedopt/checks.h"
+#include "fusedopt/calls.h"
+#include "isa.h"
 #include "kernels/kernels.h"
 
 namespace fusedopt::cpu {
 namespace {
-
-enum class Isa { DEFAULT, AVX2, AVX512 };
-
-// The widest ISA this CPU runs, or FUSEDOPT_CPU_ISA (DEFAULT, AVX2, AVX512)
-// when set, so tests can run every build of the kernels.
-Isa pick_isa() {
-  static const Isa best = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-      return Isa::AVX512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::AVX2;
-    return Isa::DEFAULT;
-  }();
-  const char* env = std::getenv("FUSEDOPT_CPU_ISA");
-  if (env == nullptr || *env == '\0') return best;
-  const std::string want(env);
-  const Isa forced = want == "AVX512" ? Isa::AVX512 : want == "AVX2" ? Isa::AVX2 : Isa::DEFAULT;
-  TORCH_CHECK(want == "AVX512" || want == "AVX2" || want == "DEFAULT",
-              "FUSEDOPT_CPU_ISA must be DEFAULT, AVX2 or AVX512, got ", want);
-  TORCH_CHECK(forced <= best, "FUSEDOPT_CPU_ISA=", want, " is not supported by this CPU");
-  return forced;
-}
-
-#define FUSEDOPT_ISA_CALL(NAME, ...)                          \
-  switch (pick_isa()) {                                       \
-    case Isa::AVX512: AVX512::NAME(__VA_ARGS__); break;      \
-    case Isa::AVX2: AVX2::NAME(__VA_ARGS__); break;          \
-    default: DEFAULT::NAME(__VA_ARGS__); break;               \
-  }
 
 double read_scalar(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? *static_cast<const double*>(t.data_ptr())
@@ -75,81 +44,63 @@ void end_step(at::TensorList steps) {
   }
 }
 
+constexpr auto kCPU = c10::DeviceType::CPU;
+
+template <typename Lr>
 void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-          at::TensorList steps, at::IntArrayRef indices, double lr, double momentum, double dampening,
+          at::TensorList steps, at::IntArrayRef indices, Lr lr, double momentum, double dampening,
           bool nesterov, bool ema_momentum, double weight_decay, double l1_decay, bool decoupled,
           bool maximize, double grad_keep_prob, int64_t grad_mask_seed,
           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  OptimizerCall<math::SgdHyper> call;
-  call.common = make_common(lr, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed);
-  check_hyper(std::isfinite(momentum) && momentum >= 0, "momentum", momentum);
-  check_hyper(std::isfinite(dampening), "dampening", dampening);
-  TORCH_CHECK(!nesterov || (momentum > 0 && dampening == 0),
-              "fusedopt: nesterov momentum requires a momentum and zero dampening");
-  TORCH_CHECK(!ema_momentum || dampening == 0, "fusedopt: ema_momentum requires dampening=0");
-  TORCH_CHECK(!(nesterov && ema_momentum), "fusedopt: nesterov and ema_momentum are exclusive");
-  call.hyper = {momentum, dampening, nesterov, ema_momentum};
-  call.tensors = gather("sgd_", params, grads, {{"momentum_buffers", momentum_buffers, momentum != 0}},
-                        steps, indices, grad_scale, found_inf, c10::DeviceType::CPU, call.lists, call.dtype);
+  const double lr_host = host_lr("sgd_", lr);
+  auto call = sgd_call(params, grads, momentum_buffers, steps, indices, lr_host, momentum, dampening, nesterov,
+                       ema_momentum, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed,
+                       grad_scale, found_inf, kCPU);
   if (!begin_step(call, steps, grad_scale, found_inf)) return;
   FUSEDOPT_ISA_CALL(sgd, call);
   end_step(steps);
 }
 
+template <typename Lr>
 void adagrad_(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList steps,
-              at::IntArrayRef indices, double lr, double lr_decay, double eps, double weight_decay,
+              at::IntArrayRef indices, Lr lr, double lr_decay, double eps, double weight_decay,
               double l1_decay, bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed,
               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  OptimizerCall<math::AdagradHyper> call;
-  call.common = make_common(lr, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed);
-  check_hyper(std::isfinite(lr_decay) && lr_decay >= 0, "lr_decay", lr_decay);
-  check_hyper(std::isfinite(eps) && eps >= 0, "eps", eps);
-  call.hyper = {lr_decay, eps};
-  call.tensors = gather("adagrad_", params, grads, {{"state_sums", state_sums, true}}, steps, indices,
-                        grad_scale, found_inf, c10::DeviceType::CPU, call.lists, call.dtype);
+  const double lr_host = host_lr("adagrad_", lr);
+  auto call = adagrad_call(params, grads, state_sums, steps, indices, lr_host, lr_decay, eps, weight_decay,
+                           l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed, grad_scale, found_inf,
+                           kCPU);
   if (!begin_step(call, steps, grad_scale, found_inf)) return;
   FUSEDOPT_ISA_CALL(adagrad, call);
   end_step(steps);
 }
 
+template <typename Lr>
 void rmsprop_(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
               at::TensorList grad_avgs, at::TensorList momentum_buffers, at::TensorList steps,
-              at::IntArrayRef indices, double lr, double alpha, double eps, double momentum, bool centered,
+              at::IntArrayRef indices, Lr lr, double alpha, double eps, double momentum, bool centered,
               double weight_decay, double l1_decay, bool decoupled, bool maximize, double grad_keep_prob,
               int64_t grad_mask_seed, const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf) {
-  OptimizerCall<math::RmspropHyper> call;
-  call.common = make_common(lr, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed);
-  check_hyper(std::isfinite(alpha) && alpha >= 0, "alpha", alpha);
-  check_hyper(std::isfinite(eps) && eps >= 0, "eps", eps);
-  check_hyper(std::isfinite(momentum) && momentum >= 0, "momentum", momentum);
-  call.hyper = {alpha, eps, momentum, centered};
-  call.tensors = gather("rmsprop_", params, grads,
-                        {{"square_avgs", square_avgs, true},
-                         {"grad_avgs", grad_avgs, centered},
-                         {"momentum_buffers", momentum_buffers, momentum > 0}},
-                        steps, indices, grad_scale, found_inf, c10::DeviceType::CPU, call.lists, call.dtype);
+  const double lr_host = host_lr("rmsprop_", lr);
+  auto call = rmsprop_call(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, indices, lr_host, alpha,
+                           eps, momentum, centered, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob,
+                           grad_mask_seed, grad_scale, found_inf, kCPU);
   if (!begin_step(call, steps, grad_scale, found_inf)) return;
   FUSEDOPT_ISA_CALL(rmsprop, call);
   end_step(steps);
 }
 
+template <typename Lr>
 void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-           at::TensorList max_exp_avg_sqs, at::TensorList steps, at::IntArrayRef indices, double lr,
+           at::TensorList max_exp_avg_sqs, at::TensorList steps, at::IntArrayRef indices, Lr lr,
            double beta1, double beta2, double eps, bool amsgrad, bool eps_inside_sqrt, double weight_decay,
            double l1_decay, bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed,
            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  OptimizerCall<math::AdamHyper> call;
-  call.common = make_common(lr, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed);
-  check_hyper(beta1 >= 0 && beta1 < 1, "beta1", beta1);
-  check_hyper(beta2 >= 0 && beta2 < 1, "beta2", beta2);
-  check_hyper(std::isfinite(eps) && eps >= 0, "eps", eps);
-  call.hyper = {beta1, beta2, eps, amsgrad, eps_inside_sqrt};
-  call.tensors = gather("adam_", params, grads,
-                        {{"exp_avgs", exp_avgs, true},
-                         {"exp_avg_sqs", exp_avg_sqs, true},
-                         {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}},
-                        steps, indices, grad_scale, found_inf, c10::DeviceType::CPU, call.lists, call.dtype);
+  const double lr_host = host_lr("adam_", lr);
+  auto call = adam_call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, indices, lr_host, beta1,
+                        beta2, eps, amsgrad, eps_inside_sqrt, weight_decay, l1_decay, decoupled, maximize,
+                        grad_keep_prob, grad_mask_seed, grad_scale, found_inf, kCPU);
   if (!begin_step(call, steps, grad_scale, found_inf)) return;
   FUSEDOPT_ISA_CALL(adam, call);
   end_step(steps);
@@ -166,20 +117,28 @@ void stream_(const at::Tensor& a, const at::Tensor& b, double s) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedopt, CPU, m) {
-  m.impl("sgd_", &sgd_);
-  m.impl("adagrad_", &adagrad_);
-  m.impl("rmsprop_", &rmsprop_);
-  m.impl("adam_", &adam_);
+  m.impl("sgd_", &sgd_<double>);
+  m.impl("sgd_.tensor_lr", &sgd_<const at::Tensor&>);
+  m.impl("adagrad_", &adagrad_<double>);
+  m.impl("adagrad_.tensor_lr", &adagrad_<const at::Tensor&>);
+  m.impl("rmsprop_", &rmsprop_<double>);
+  m.impl("rmsprop_.tensor_lr", &rmsprop_<const at::Tensor&>);
+  m.impl("adam_", &adam_<double>);
+  m.impl("adam_.tensor_lr", &adam_<const at::Tensor&>);
   m.impl("stream_", &stream_);
 }
 
 // A sparse gradient dispatches here; gather() rejects it with a plain message
 // instead of the dispatcher's "could not run with SparseCPU".
 TORCH_LIBRARY_IMPL(fusedopt, SparseCPU, m) {
-  m.impl("sgd_", &sgd_);
-  m.impl("adagrad_", &adagrad_);
-  m.impl("rmsprop_", &rmsprop_);
-  m.impl("adam_", &adam_);
+  m.impl("sgd_", &sgd_<double>);
+  m.impl("sgd_.tensor_lr", &sgd_<const at::Tensor&>);
+  m.impl("adagrad_", &adagrad_<double>);
+  m.impl("adagrad_.tensor_lr", &adagrad_<const at::Tensor&>);
+  m.impl("rmsprop_", &rmsprop_<double>);
+  m.impl("rmsprop_.tensor_lr", &rmsprop_<const at::Tensor&>);
+  m.impl("adam_", &adam_<double>);
+  m.impl("adam_.tensor_lr", &adam_<const at::Tensor&>);
 }
 
 }  // namespace fusedopt::cpu

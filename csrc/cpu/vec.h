@@ -7,6 +7,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
+#include <cstring>
 
 #include "fusedopt/fo.h"
 
@@ -63,7 +64,9 @@ struct OpMath<double> {
   using type = double;
 };
 
-// Loads and stores one op-math vector's worth of a storage type.
+// Loads and stores one op-math vector's worth of a storage type: W elements,
+// or the first n < W (a partial vector: the other lanes load as 0 and are
+// never stored; the memory past p + n is not touched).
 template <typename scalar_t>
 struct VecIo {
   using S = typename OpMath<scalar_t>::type;
@@ -83,6 +86,24 @@ struct VecIo {
       v.store(p);
     } else {
       at::vec::convert_from_float<scalar_t>(v, v).store(p, W);
+    }
+  }
+  static V load(const scalar_t* p, int n) {
+    if constexpr (std::is_same_v<scalar_t, S>) {
+      return V::loadu(p, n);
+    } else {
+      scalar_t buf[W] = {};
+      std::memcpy(buf, p, n * sizeof(scalar_t));
+      return load(buf);
+    }
+  }
+  static void store(scalar_t* p, const V& v, int n) {
+    if constexpr (std::is_same_v<scalar_t, S>) {
+      v.store(p, n);
+    } else {
+      scalar_t buf[W];
+      store(buf, v);
+      std::memcpy(p, buf, n * sizeof(scalar_t));
     }
   }
 };

@@ -18,6 +18,11 @@ step, only 'momentum_buffer', which it creates on a parameter's first step: a st
 but no step therefore has taken at least one step, and continues at step 1 (the op seeds the buffer
 with g only when t == 1).
 """
+import itertools
+import operator
+import sys
+from collections.abc import Mapping
+
 import torch
 from torch.optim.optimizer import Optimizer, _get_scalar_dtype
 
@@ -33,6 +38,8 @@ class FusedOptimizer(Optimizer):
     # torch.amp.GradScaler then sets self.grad_scale / self.found_inf around step() instead of
     # unscaling the gradients itself; the op unscales them (and writes them back) or skips the step.
     _step_supports_amp_scaling = True
+    # Whether a saved state must hold 'step' (Note [Checked state_dict]); torch's SGD keeps none.
+    _step_required = True
 
     def __init__(self, params, defaults, *, l1_decay, decoupled_weight_decay, grad_keep_prob, grad_mask_seed):
         name = type(self).__name__
@@ -69,12 +76,15 @@ class FusedOptimizer(Optimizer):
 
     def load_state_dict(self, state_dict):
         """torch.optim.Optimizer.load_state_dict; a group saved without an option of ours (a torch.optim
-        checkpoint: no l1_decay, grad_mask_seed, ...) keeps the value it has now."""
+        checkpoint: no l1_decay, grad_mask_seed, ...) keeps the value it has now. A state_dict that does not
+        fit (Note [Checked state_dict]) raises ValueError before anything is changed."""
+        _check_layout(self, state_dict)
         saved = [dict(g) for g in state_dict["param_groups"]]
         for group, current in zip(saved, self.param_groups):
             for key, value in current.items():
                 if key not in ("params", "param_names"):
                     group.setdefault(key, value)
+        _check_state(self, state_dict["state"], saved)
         super().load_state_dict({**state_dict, "param_groups": saved})
         self.__dict__.pop("_plans", None)  # Note [Step plans]: the state tensors were replaced
 
@@ -115,19 +125,23 @@ class FusedOptimizer(Optimizer):
             params = group["params"]
             grads = [p.grad for p in params]
             spec = self._buffers(group)
-            key = (tuple(g is not None for g in grads), tuple(spec), first)
+            key = (tuple(map(operator.is_not, grads, itertools.repeat(None))), tuple(spec), first)
             plan = plans.get(gi)
             if plan is None or plan[0] != key:
                 plan = plans[gi] = (key, self._plan(group, spec, grads, first))
-            options = dict(lr=float(group["lr"]), **self._options(group), **_common(group))
+            lr = group["lr"]  # a tensor goes to the op as it is (Note [Tensor lr] in csrc/include/fusedopt/calls.h)
+            options = dict(lr=lr if torch.is_tensor(lr) else float(lr), **self._options(group), **_common(group))
             for device, members, lists in plan[1]:
                 copies = []  # (tensor, the contiguous copy handed to the op)
                 if lists is None:  # complex or non-contiguous members: operands anew each step
                     rows = [[_operand(t, copies) for t in self._operands(params[i], grads[i], group, spec)]
                             for i in members]
                     op_lists = _columns(rows) + [[i + first for i in members]]
-                else:
-                    op_lists = [lists[0], [_operand(grads[i], copies) for i in members], *lists[1:]]
+                else:  # real members (so real gradients: torch checks a .grad's dtype); copy only if strided
+                    members_grads = [grads[i] for i in members]
+                    if not all(map(torch.Tensor.is_contiguous, members_grads)):
+                        members_grads = [_operand(g, copies) for g in members_grads]
+                    op_lists = [lists[0], members_grads, *lists[1:]]
                 if device not in amp:
                     amp[device] = [None if t is None else t.to(device=device, dtype=torch.float32)
                                    for t in (grad_scale, found_inf)]
@@ -138,16 +152,23 @@ class FusedOptimizer(Optimizer):
         return loss
 
     def _operands(self, p, g, group, spec):
-        """p, its gradient, its state buffers in use (op order) and its step tensor."""
+        """p, its gradient, its state buffers in use (op order) and its step tensor, each a plain tensor
+        (Note [DTensor operands])."""
         state = self._state(p, group)
-        return [p, g, *(state[k] if used else None for k, used in spec), state["step"]]
+        local = _local(p)
+        if local is not p and group["grad_keep_prob"] < 1:
+            raise NotImplementedError(
+                f"{type(self).__name__}: grad_keep_prob < 1 with DTensor (sharded) parameters is not supported: "
+                "the gradient mask numbers the elements of each shard from 0, so every rank would draw the same "
+                "mask for different parts of a parameter")
+        return [local, *map(_local, [g, *(state[k] if used else None for k, used in spec), state["step"]])]
 
     def _plan(self, group, spec, grads, first):
         """Note [Step plans]
         The tensors a group hands to its op calls change only when the set of parameters with a gradient,
         the buffers in use or the state (load_state_dict) change, so step() keeps, per group, the op's lists
         for each (device, dtype) bucket and rebuilds them only then; a step then costs a list of gradients
-        per bucket. Complex or non-contiguous members go to buckets that convert their operands anew each
+        per bucket. Complex, non-contiguous or DTensor members go to buckets that convert their operands anew each
         step. Returns [(device, members, lists or None)], lists = [params, *buffers, steps, indices]."""
         buckets = {}
         for i, (p, g) in enumerate(zip(group["params"], grads)):
@@ -157,7 +178,10 @@ class FusedOptimizer(Optimizer):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
                                    "(fusedopt's ops take dense tensors only)")
             tensors = self._operands(p, g, group, spec)
-            plain = all(not t.is_complex() and t.is_contiguous() for t in tensors[:1] + tensors[2:] if t is not None)
+            # A DTensor's shard is a separate tensor object, which a later model.to() would orphan: its
+            # members take their operands anew each step (Note [DTensor operands]).
+            plain = tensors[0] is p and all(not t.is_complex() and t.is_contiguous()
+                                            for t in tensors[:1] + tensors[2:] if t is not None)
             dtype = torch.view_as_real(p).dtype if p.is_complex() else p.dtype
             buckets.setdefault((p.device, dtype, plain), []).append(i)
         plan = []
@@ -170,13 +194,103 @@ class FusedOptimizer(Optimizer):
             plan.append((device, members, lists))
         return plan
 
+# Note [Checked state_dict]
+# torch's load_state_dict checks only the number of groups and of parameters per group; the state it
+# casts to each parameter's dtype and device and otherwise takes as it comes. A state of the wrong
+# shape, a missing buffer (which _state would silently recreate as zeros) or a missing step (which
+# would restart the bias corrections) would make training silently wrong or fail later inside a
+# step, so load_state_dict checks every parameter's state against the group it is loaded into, before
+# anything is changed: known keys only; every buffer the group uses, and 'step' (torch's SGD keeps
+# none: _step_required False), present; buffers tensors of the parameter's shape, real floating point
+# for a real parameter (cast to its dtype, as torch does) and of its very dtype for a complex one
+# (torch does not cast those); the step a whole number >= 0, as a number or a one-element float tensor.
+
+def _check_layout(opt, state_dict):
+    """The containers and the group sizes of a state_dict loaded into opt."""
+    name = f"{type(opt).__name__}.load_state_dict"
+    if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= state_dict.keys():
+        raise ValueError(f"{name}: expected a dict with 'state' and 'param_groups', got "
+                         f"{sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict).__name__}")
+    groups, state = state_dict["param_groups"], state_dict["state"]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{name}: 'state' must be a dict, got {type(state).__name__}")
+    if not isinstance(groups, (list, tuple)) or not all(isinstance(g, Mapping) and "params" in g for g in groups):
+        raise ValueError(f"{name}: 'param_groups' must be a list of dicts with 'params'")
+    if len(groups) != len(opt.param_groups):
+        raise ValueError(f"{name}: the state_dict has {len(groups)} parameter groups, this optimizer "
+                         f"{len(opt.param_groups)}")
+    for i, (saved, group) in enumerate(zip(groups, opt.param_groups)):
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(f"{name}: parameter group {i} of the state_dict has {len(saved['params'])} "
+                             f"parameters, this optimizer's {len(group['params'])}")
+
+
+def _check_state(opt, state, groups):
+    """Each parameter's saved state against the group (saved options) it is loaded into."""
+    name = f"{type(opt).__name__}.load_state_dict"
+    where = {}  # saved parameter id -> (parameter, its group)
+    for saved, group in zip(groups, opt.param_groups):
+        where.update((i, (p, saved)) for i, p in zip(saved["params"], group["params"]))
+    for i, entries in state.items():
+        if i not in where:
+            raise ValueError(f"{name}: the state_dict holds state for parameter {i!r}, which none of its "
+                             "parameter groups lists")
+        p, group = where[i]
+        if not isinstance(entries, Mapping):
+            raise ValueError(f"{name}: the state of parameter {i} must be a dict, got {type(entries).__name__}")
+        if not entries:
+            continue
+        spec = opt._buffers(group)
+        unknown = set(entries) - {k for k, _ in spec} - {"step"}
+        if unknown:
+            raise ValueError(f"{name}: the state of parameter {i} has {sorted(unknown)}, which "
+                             f"{type(opt).__name__} does not keep (a state_dict of another optimizer?)")
+        needed = [k for k, used in spec if used] + ["step"] * opt._step_required
+        missing = [k for k in needed if k not in entries]
+        if missing:
+            raise ValueError(f"{name}: the state of parameter {i} lacks {missing}, which its group"
+                             f"{_options_text(group)} uses")
+        for key, value in entries.items():
+            if key == "step":
+                _check_step(value, f"{name}: the step of parameter {i}")
+                continue
+            what = f"{name}: state '{key}' of parameter {i}"
+            if not torch.is_tensor(value):
+                raise ValueError(f"{what} must be a tensor, got {type(value).__name__}")
+            if value.shape != p.shape:
+                raise ValueError(f"{what} has shape {tuple(value.shape)}, the parameter {tuple(p.shape)}")
+            fits = value.dtype == p.dtype if p.is_complex() else value.is_floating_point()
+            if not fits:
+                raise ValueError(f"{what} has dtype {value.dtype}, which cannot hold the state of a "
+                                 f"{p.dtype} parameter")
+
+
+def _check_step(value, what):
+    if torch.is_tensor(value):
+        if value.numel() != 1 or value.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"{what} must be a number or a one-element float32/float64 tensor, got a "
+                             f"{value.dtype} tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be a number or a one-element float tensor, got {type(value).__name__}")
+    if not (0 <= value < 2**53 and value == int(value)):
+        raise ValueError(f"{what} must be a whole number >= 0, got {value}")
+
+
+def _options_text(group):
+    """The options that decide which buffers a group uses, for a message."""
+    shown = [f"{k}={group[k]}" for k in ("amsgrad", "centered", "momentum") if k in group]
+    return f" ({', '.join(shown)})" if shown else ""
+
+
 def _columns(rows):
     """Per-parameter rows of operands -> the op's lists; a buffer not in use (None) is an empty list."""
     return [[] if col[0] is None else list(col) for col in zip(*rows)]
 
 
 def _operand(t, copies):
-    """t as the op takes it: real and contiguous (Note [One op call per device and dtype])."""
+    """t as the op takes it: local, real and contiguous (Note [One op call per device and dtype])."""
+    t = _local(t)
     if t is None:
         return None
     if t.is_complex():
@@ -186,6 +300,21 @@ def _operand(t, copies):
     c = t.contiguous()
     copies.append((t, c))
     return c
+
+
+def _local(t):
+    """Note [DTensor operands]
+    FSDP2 (torch.distributed.fsdp.fully_shard) makes each parameter a DTensor whose gradient is a DTensor
+    too, and torch.full_like(p) makes the state buffers DTensors, as torch's optimizers keep them in
+    state_dict(). fusedopt's ops have no DTensor sharding rule, and need none: every rule is elementwise, so
+    the op updates each rank's shard (to_local(): the local tensor itself, no copy, under no_grad) in place.
+    The gradient mask is the exception: it numbers a tensor's elements from 0, so _operands refuses it for
+    sharded parameters. torch.distributed.tensor is looked up in sys.modules, not imported: importing it
+    takes about a second, and without it no tensor is a DTensor."""
+    if type(t) is torch.Tensor:  # the common case, a gradient: a quicker test than isinstance
+        return t
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return t.to_local() if dtensor is not None and isinstance(t, dtensor.DTensor) else t
 
 
 def _common(group):

@@ -17,6 +17,7 @@ class SGD(FusedOptimizer):
     first-step seeding of the buffer need it; torch.optim.SGD ignores it when loading)."""
 
     _op = staticmethod(ops.sgd_)
+    _step_required = False  # torch's SGD keeps no step (Note [Step tensors])
 
     def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,

@@ -13,10 +13,10 @@ void sgd(const OptimizerCall<math::SgdHyper>& call) {
           FUSEDOPT_BOOL_SWITCH(momentum && call.hyper.ema, EMA, [&] {
             if constexpr (!(NESTEROV && EMA)) {
               constexpr int N = MOMENTUM ? 3 : 2;
-              run_optimizer<N, MASK>(call, [&](const TensorRef& t, auto s) {
+              run_optimizer<N, MASK>(call, [&](int64_t step, auto s) {
                 using S = decltype(s);
                 const auto pre = math::make_pre<S>(call.common, call.grad_scale, call.scaled);
-                const auto c = math::sgd_consts<S>(call.common, call.hyper, t.step);
+                const auto c = math::sgd_consts<S>(call.common, call.hyper, step);
                 return [=](auto* x, auto keep) {
                   math::sgd_step<DECAY, MASK, MOMENTUM, NESTEROV, EMA>(x, keep, pre, c);
                 };

@@ -1,8 +1,9 @@
 #pragma once
 // The front half of every optimizer op, for any device: validate the options
-// and the lists, and return the call a kernel runs. Used by the CUDA ops and by
-// their host emulation (csrc/cpu/gridemu.cpp), so both reject exactly the same
-// inputs with the same messages as the CPU ops (csrc/cpu/ops.cpp).
+// and the lists, and return the call a kernel runs. Used by the CPU ops
+// (csrc/cpu/ops.cpp), the CUDA ops and their host emulation
+// (csrc/cpu/gridemu.cpp), so all reject exactly the same inputs with the same
+// messages.
 #include <ATen/ATen.h>
 
 #include <cmath>
@@ -115,6 +116,51 @@ inline OptimizerCall<math::AdamHyper> adam_call(
                          {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}},
                         steps, indices, grad_scale, found_inf, device_type, call.lists, call.dtype);
   return call;
+}
+
+// Note [Tensor lr]
+// Each optimizer op has a `.tensor_lr` overload (as torch's fused optimizers
+// do) whose lr is a one-element float32/float64 tensor. Under torch.compile a
+// tensor lr is a graph input, so an LR scheduler that changes it recompiles
+// nothing; on CUDA the kernels read it, so a step needs no host sync and a
+// CUDA graph replays whatever lr the tensor holds. A CPU lr is read on the
+// host and checked like a float lr: the result is the float op's, bit for bit.
+// An lr on the params' CUDA device replaces Common::lr in every chunk body
+// (mta.h), unchecked: a check would need a sync, which torch's fused
+// optimizers do not make either. Grid emulation reads its CPU lr the device's
+// way, through the pointer.
+inline void check_lr(const char* op, const at::Tensor& lr) {
+  TORCH_CHECK(lr.defined() && lr.layout() == at::kStrided && lr.numel() == 1, op,
+              ": a tensor lr must be a dense tensor of one element");
+  TORCH_CHECK(lr.scalar_type() == at::kFloat || lr.scalar_type() == at::kDouble, op,
+              ": a tensor lr must be float32 or float64, got ", lr.scalar_type());
+}
+
+// lr read on the host: a float as it is, a CPU tensor's value.
+inline double host_lr(const char*, double lr) { return lr; }
+inline double host_lr(const char* op, const at::Tensor& lr) {
+  check_lr(op, lr);
+  TORCH_CHECK(lr.device().is_cpu(), op, ": lr must be on the CPU for CPU params, got ", lr.device());
+  return lr.scalar_type() == at::kDouble ? *lr.const_data_ptr<double>() : *lr.const_data_ptr<float>();
+}
+
+// lr as a launch plan takes it: `value` for the checks and the host side, and
+// `tensor` (float64, on the params' device) when the kernels read it instead.
+struct KernelLr {
+  double value = 0;
+  at::Tensor tensor;
+  const double* ptr() const { return tensor.defined() ? tensor.const_data_ptr<double>() : nullptr; }
+};
+
+inline KernelLr kernel_lr(const char*, double lr, at::TensorList, bool) { return {lr, {}}; }
+// `emulated`: grid emulation, whose CPU lr takes the device path.
+inline KernelLr kernel_lr(const char* op, const at::Tensor& lr, at::TensorList params, bool emulated) {
+  check_lr(op, lr);
+  if (lr.device().is_cpu() && !emulated) return {host_lr(op, lr), {}};
+  if (!params.empty() && params[0].defined())
+    TORCH_CHECK(lr.device() == params[0].device(), op, ": lr is on ", lr.device(), " but params[0] is on ",
+                params[0].device(), "; a tensor lr lies on the CPU or on the params' device");
+  return {0, lr.to(at::kDouble).reshape({1}).contiguous()};
 }
 
 }  // namespace fusedopt
