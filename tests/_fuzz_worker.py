@@ -1,5 +1,5 @@
-"""Hypothesis over the surface of the CPU optimizer ops (and stream_), run by tests/test_bad_input.py in a
-subprocess so that a crash fails that test instead of killing pytest.
+"""Hypothesis over the surface of the CPU ops (optimizers with a float or a tensor lr, dropout, stream_), run by
+tests/test_bad_input.py in a subprocess so that a crash fails that test instead of killing pytest.
 
     python tests/_fuzz_worker.py --examples 200 --isas DEFAULT,AVX2,AVX512 [--seed N] [--last-call FILE]
 
@@ -7,7 +7,8 @@ Each example builds a call from random list lengths, shapes, dtypes, layouts (co
 strided, expanded, offset, sparse), aliasing, steps, indices, AMP tensors, ISA and scalars (NaN, ±inf,
 negative, huge), and accepts exactly two outcomes:
 - RuntimeError / ValueError / TypeError, with every tensor passed keeping its bits;
-- success, with every step advanced by one (none if found_inf was set and non-zero).
+- success, with every step advanced by one (none if found_inf was set and non-zero); for the dropout ops,
+  outputs of the input's shape and the inputs unchanged (but dropout_'s own input).
 Before each call its description is written to --last-call, so a crash can be traced to its input.
 Prints "fuzzed <n> optimizer calls: ..." on success; a falsifying example makes hypothesis raise (exit 1).
 """
@@ -181,16 +182,91 @@ def optimizer_call(draw, isas):
     indices = [draw(ints) if odd() else j for j in range(n + 1 if odd() else n)]
     kw["grad_scale"], kw["found_inf"] = amp_tensor(draw, odd), amp_tensor(draw, odd)
     isa = draw(st.sampled_from(["", "bogus", "avx2"])) if odd() else draw(st.sampled_from(isas))
-    return opt + "_", [params, grads, *states, steps, indices], kw, isa
+    op = opt + "_"
+    if draw(st.integers(0, 3)) == 0:  # the .tensor_lr overload (Note [Tensor lr])
+        op += ".tensor_lr"
+        kw["lr"] = lr_tensor(draw, odd, kw["lr"])
+    return op, [params, grads, *states, steps, indices], kw, isa
+
+
+def lr_tensor(draw, odd, lr):
+    kind = draw(st.sampled_from(["dtype", "shape", "sparse"])) if odd() else "good"
+    dtype = draw(st.sampled_from([torch.int64, torch.float16, torch.bool])) if kind == "dtype" else \
+        draw(st.sampled_from([torch.float32, torch.float64]))
+    shape = draw(st.sampled_from([(0,), (2,), (1, 2)])) if kind == "shape" else draw(st.sampled_from([(), (1,)]))
+    t = torch.full(shape, lr, dtype=torch.float64).nan_to_num(0.0, 7.0, -7.0).to(dtype) \
+        if not dtype.is_floating_point else torch.full(shape, lr, dtype=torch.float64).to(dtype)
+    return t.to_sparse() if kind == "sparse" and t.dim() > 0 else t
+
+
+DROPOUT_OPS = ["dropout", "dropout_", "dropout_backward", "bias_dropout_add", "bias_dropout_add_backward",
+               "dropout_keep_bits"]
+
+
+def dropout_call(draw, isas):
+    """A dropout op's arguments: input (any layout), bias and residual where the op takes them, p, draw."""
+    odd = Odd(draw)
+    op = draw(st.sampled_from(DROPOUT_OPS))
+    dtype = draw(st.sampled_from(BAD_DTYPES)) if odd() else draw(st.sampled_from(GOOD_DTYPES))
+    rows, h = draw(st.sampled_from([0, 1, 3, 17])), draw(st.sampled_from([0, 1, 5, 64, 67]))
+    pool = []
+    x = tensor(draw, odd, rows * h, dtype, pool)
+    if x.layout == torch.strided and x.dim() == 1 and x.is_contiguous() and not odd():
+        x = x.view(rows, h)
+    args = [x]
+    if op == "bias_dropout_add":
+        args.append(tensor(draw, odd, h, dtype, pool))
+        residual = tensor(draw, odd, rows * h, dtype, pool)
+        if residual.layout == torch.strided and residual.is_contiguous() and residual.numel() == rows * h:
+            residual = residual.view(rows, h)
+        args.append(residual)
+    p = draw(scalars) if odd() else draw(st.sampled_from([0.0, 0.1, 0.5, 1.0]))
+    draw_t = torch.tensor([draw(st.integers(-(2**63), 2**63 - 1)), draw(st.integers(-(2**63), 2**63 - 1))])
+    if odd():
+        draw_t = draw(st.sampled_from([draw_t.float(), draw_t[:1], torch.zeros(3, dtype=torch.int64),
+                                       draw_t.view(2, 1)]))
+    isa = draw(st.sampled_from(["", "bogus"])) if odd() else draw(st.sampled_from(isas))
+    return op, args + [p, draw_t], isa
+
+
+def run_dropout(op, args, isa, last_call):
+    if last_call:
+        with open(last_call, "w") as f:
+            f.write(f"FUSEDOPT_CPU_ISA={isa!r} torch.ops.fusedopt.{op}"
+                    f"({[describe_tensor(a) for a in args]})\n")
+            f.flush()
+            os.fsync(f.fileno())
+    os.environ["FUSEDOPT_CPU_ISA"] = isa
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    before = [bits(x) for x in tensors]
+    try:
+        out = getattr(OPS, op)(*args)
+    except ALLOWED as e:
+        for j, (x, b) in enumerate(zip(tensors, before)):
+            assert torch.equal(bits(x), b), f"a failed {op} modified its argument {j}"
+        return f"{op}: " + type(e).__name__ + ": " + str(e).split("\n")[0][:150]
+    x = args[0]
+    for j, (t, b) in enumerate(zip(tensors, before)):
+        assert (op == "dropout_" and j == 0) or torch.equal(bits(t), b), f"{op} modified its argument {j}"
+    if op == "dropout_keep_bits":
+        assert out.shape == ((x.numel() + 7) // 8,) and out.dtype == torch.uint8
+    elif op == "bias_dropout_add_backward":
+        assert out[0].shape == x.shape and out[1].shape == x.shape[-1:]
+    elif op != "dropout_":
+        assert out.shape == x.shape and out.dtype == x.dtype
+    return f"{op}: ran"
+
+
+def describe_tensor(x):
+    if not isinstance(x, torch.Tensor):
+        return repr(x)
+    return (f"T({x.dtype}, {tuple(x.shape)}, stride={x.stride() if x.layout == torch.strided else 'sparse'}, "
+            f"offset={x.storage_offset() if x.layout == torch.strided else 0}, "
+            f"ptr={x.data_ptr() if x.layout == torch.strided else 0:#x})")
 
 
 def describe(op, args, kw, isa):
-    def t(x):
-        if not isinstance(x, torch.Tensor):
-            return repr(x)
-        return (f"T({x.dtype}, {tuple(x.shape)}, stride={x.stride() if x.layout == torch.strided else 'sparse'}, "
-                f"offset={x.storage_offset() if x.layout == torch.strided else 0}, "
-                f"ptr={x.data_ptr() if x.layout == torch.strided else 0:#x})")
+    t = describe_tensor
     lists = ", ".join("[" + ", ".join(t(x) for x in a) + "]" for a in args[:-1])
     opts = ", ".join(f"{k}={t(v)}" for k, v in kw.items())
     return f"FUSEDOPT_CPU_ISA={isa!r} torch.ops.fusedopt.{op}({lists}, {args[-1]!r}, {opts})"
@@ -211,21 +287,22 @@ def run(op, args, kw, isa, last_call):
             f.flush()
             os.fsync(f.fileno())
     os.environ["FUSEDOPT_CPU_ISA"] = isa
-    tensors = [x for a in args[:-1] for x in a] + [kw["grad_scale"], kw["found_inf"]]
+    tensors = [x for a in args[:-1] for x in a] + [kw["grad_scale"], kw["found_inf"], kw["lr"]]
     before = [bits(x) for x in tensors]
     steps_before = [s.detach().clone() if isinstance(s, torch.Tensor) else None for s in args[-2]]
     try:
-        getattr(OPS, op)(*args, **kw)
+        name, _, overload = op.partition(".")
+        getattr(getattr(OPS, name), overload or "default")(*args, **kw)
     except ALLOWED as e:
         for j, (x, b) in enumerate(zip(tensors, before)):
             assert b is None or torch.equal(bits(x), b), f"a failed call modified tensor {j}"
-        return type(e).__name__ + ": " + str(e).split("\n")[0][:170]
+        return op + ": " + type(e).__name__ + ": " + str(e).split("\n")[0][:150]
     # with no parameter the op reads nothing, found_inf included
     skipped = bool(args[-2]) and kw["found_inf"] is not None and kw["found_inf"].item() != 0
     for s, b in zip(args[-2], steps_before):
         expected = b if skipped else b + 1
         assert torch.equal(s, expected), f"step {b} became {s}, expected {expected}"
-    return "ran"
+    return op + ": ran"
 
 
 def stream_call(draw):
@@ -253,12 +330,20 @@ def main():
               suppress_health_check=list(HealthCheck), print_blob=True)
     @given(st.data())
     def fuzz(data):
-        if data.draw(st.integers(0, 19), label="stream?") == 0:
+        which = data.draw(st.integers(0, 19), label="op family")
+        if which == 0:
             x, y, s = stream_call(data.draw)
+            if a.last_call:
+                with open(a.last_call, "w") as f:
+                    f.write(f"torch.ops.fusedopt.stream_({describe_tensor(x)}, {describe_tensor(y)}, {s!r})\n")
             try:
                 OPS.stream_(x, y, s)
             except ALLOWED:
                 pass
+            return
+        if which <= 5:
+            op, args, isa = dropout_call(data.draw, isas)
+            outcomes[run_dropout(op, args, isa, a.last_call)] += 1
             return
         op, args, kw, isa = optimizer_call(data.draw, isas)
         outcomes[run(op, args, kw, isa, a.last_call)] += 1
@@ -267,7 +352,8 @@ def main():
         fuzz = seed(a.seed)(fuzz)
     fuzz()
     total = sum(outcomes.values())
-    print(f"fuzzed {total} optimizer calls: {outcomes['ran']} ran, {total - outcomes['ran']} raised")
+    ran = sum(count for what, count in outcomes.items() if what.endswith("ran"))
+    print(f"fuzzed {total} op calls: {ran} ran, {total - ran} raised")
     for what, count in outcomes.most_common():
         print(f"{count:5d}  {what}")
     return 0
