@@ -816,3 +816,26 @@ def test_no_masking_draws_no_random_number():
     after = torch.rand(3)
     torch.manual_seed(7)
     assert torch.equal(torch.rand(3), after)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"])
+def test_step_bumps_versions_like_torch(name):
+    """Note [Optimizer ops under autograd]: a step bumps the parameters' version counters as torch.optim's
+    in-place updates do, so autograd refuses a backward through a parameter stepped after the forward."""
+    for make in (getattr(torch.optim, name), getattr(fusedopt, name)):
+        w = torch.randn(4, 3, requires_grad=True)
+        w.grad = torch.randn(4, 3)
+        opt = make([w], lr=0.1)
+        loss = (w * w).sum()  # saves w for backward
+        v = w._version
+        opt.step()
+        assert w._version > v
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
+def test_op_under_grad_mode_refuses_params_that_require_grad():
+    w = torch.randn(3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="call it under torch.no_grad"):
+        torch.ops.fusedopt.sgd_([w], [torch.randn(3)], [], [torch.zeros(())], [0], lr=0.1)
+    assert w.grad is None
