@@ -4,6 +4,7 @@
 // body on op-math vectors, the last one partial.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -87,26 +88,28 @@ inline void elementwise(scalar_t* const* ptr, int64_t begin, int64_t end, unsign
   using V = typename Io::V;
   using S = typename Io::S;
   constexpr int W = Io::W;
-  // n lanes from element i; n == W (a constant in the main loop) loads whole vectors.
-  auto block = [&](int64_t i, int n) {
+  // n lanes from element i: whole vectors (FULL, n == W) or the partial last one. Always inlined, so the
+  // main loop keeps the rule's constants in registers and its draw is the aligned whole-vector case.
+  auto block = [&]<bool FULL>(int64_t i, int n) __attribute__((always_inline)) {
     V x[N];
-    for (int k = 0; k < N; ++k) x[k] = n == W ? Io::load(ptr[k] + i) : Io::load(ptr[k] + i, n);
+    for (int k = 0; k < N; ++k) x[k] = FULL ? Io::load(ptr[k] + i) : Io::load(ptr[k] + i, n);
     V keep(S(1));
     if constexpr (MASK) {
-      S bits[W] = {};
-      draw.fill(bits, i, n);
+      S bits[W];
+      if constexpr (!FULL) std::fill(bits, bits + W, S(0));
+      draw.fill(bits, i, FULL ? W : n);
       keep = V::loadu(bits);
     }
     body(x, keep);
     for (int k = 0; k < N; ++k)
       if (stores >> k & 1u) {
-        if (n == W) Io::store(ptr[k] + i, x[k]);
+        if constexpr (FULL) Io::store(ptr[k] + i, x[k]);
         else Io::store(ptr[k] + i, x[k], n);
       }
   };
   int64_t i = begin;
-  for (; i + W <= end; i += W) block(i, W);
-  if (i < end) block(i, static_cast<int>(end - i));  // Note [Partial vector tail]
+  for (; i + W <= end; i += W) block.template operator()<true>(i, W);
+  if (i < end) block.template operator()<false>(i, static_cast<int>(end - i));  // Note [Partial vector tail]
 }
 
 // The pointers of the first N lists of tensor t, typed.
