@@ -19,7 +19,7 @@ namespace {
 void reduce_dbias(const DropoutCall& c, void* dbias) {
   const int64_t count = dropout::row_blocks(c.n / c.h).count;
   FUSEDOPT_DISPATCH_FLOATING(c.dtype, "bias_dropout_add_backward", [&] {
-    using S = typename dropout::OpMath<scalar_t>::type;
+    using S = typename OpMath<scalar_t>::type;
     const auto* partial = static_cast<const S*>(c.partial);
     auto* out = static_cast<scalar_t*>(dbias);
     at::parallel_for(0, c.h, 4096, [&](int64_t lo, int64_t hi) {

@@ -55,15 +55,6 @@ inline Vec<T> relu(const Vec<T>& a) { return at::vec::maximum(a, Vec<T>(T(0))); 
 namespace cpu {
 namespace CPU_CAPABILITY {
 
-template <typename T>
-struct OpMath {
-  using type = float;
-};
-template <>
-struct OpMath<double> {
-  using type = double;
-};
-
 // Loads and stores one op-math vector's worth of a storage type: W elements,
 // or the first n < W (a partial vector: the other lanes load as 0 and are
 // never stored; the memory past p + n is not touched).

@@ -207,7 +207,7 @@ inline bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<u
 // The typed arguments of the per-thread bodies (dropout_body.h) for a call.
 template <typename T>
 dropout::Args<T> typed_args(const DropoutCall& c) {
-  using S = typename dropout::OpMath<T>::type;
+  using S = typename OpMath<T>::type;
   dropout::Args<T> a;
   a.x = static_cast<const T*>(c.x);
   a.bias = static_cast<const T*>(c.bias);

@@ -32,15 +32,6 @@ inline int64_t grid_size(int64_t units, int64_t max_grid) {
   return std::max<int64_t>(1, std::min(ceil_div(units, kThreads), max_grid));
 }
 
-template <typename T>
-struct OpMath {
-  using type = float;
-};
-template <>
-struct OpMath<double> {
-  using type = double;
-};
-
 // Elements of a unit: one Philox block (4 elements) or one 16-byte access,
 // whichever is larger: fp32 4 (one access), fp16/bf16 8 (one access, two
 // blocks), fp64 4 (two accesses). Units start at multiples of U, so each
@@ -135,17 +126,27 @@ FUSEDOPT_HD inline void unit_keep(const Args<T>& a, int64_t i0, typename Args<T>
   }
 }
 
+// fn(i0, m) for each unit of U elements over [0, n) that this thread takes
+// (grid-stride): i0 its first element, m its multipliers.
+template <typename T, typename F>
+FUSEDOPT_HD inline void for_each_unit(int64_t block, int64_t thread, int64_t threads, int64_t grid,
+                                      const Args<T>& a, const F& fn) {
+  constexpr int U = unit_elems<T>();
+  const int64_t units = elementwise_units<T>(a.n);
+  for (int64_t u = block * threads + thread; u < units; u += grid * threads) {
+    typename Args<T>::S m[U];
+    unit_keep(a, u * U, m);
+    fn(u * U, m);
+  }
+}
+
 // y = dropout(x): units of U elements over [0, n). Also the backward (x = dy).
 template <typename T>
 FUSEDOPT_HD inline void dropout_thread(int64_t block, int64_t thread, int64_t threads, int64_t grid,
                                        const Args<T>& a) {
   using S = typename Args<T>::S;
   constexpr int U = unit_elems<T>();
-  const int64_t units = elementwise_units<T>(a.n);
-  for (int64_t u = block * threads + thread; u < units; u += grid * threads) {
-    const int64_t i0 = u * U;
-    S m[U];
-    unit_keep(a, i0, m);
+  for_each_unit(block, thread, threads, grid, a, [&](int64_t i0, const S (&m)[U]) {
     if (a.vec && i0 + U <= a.n) {
       T v[U];
       load_unit(a.x + i0, v);
@@ -155,7 +156,7 @@ FUSEDOPT_HD inline void dropout_thread(int64_t block, int64_t thread, int64_t th
       for (int k = 0; k < U && i0 + k < a.n; ++k)
         a.y[i0 + k] = static_cast<T>(math::dropout(static_cast<S>(a.x[i0 + k]), m[k]));
     }
-  }
+  });
 }
 
 // y = residual + dropout(x + bias), bias[c] for column c = i mod h.
@@ -164,11 +165,7 @@ FUSEDOPT_HD inline void bias_dropout_add_thread(int64_t block, int64_t thread, i
                                                 const Args<T>& a) {
   using S = typename Args<T>::S;
   constexpr int U = unit_elems<T>();
-  const int64_t units = elementwise_units<T>(a.n);
-  for (int64_t u = block * threads + thread; u < units; u += grid * threads) {
-    const int64_t i0 = u * U;
-    S m[U];
-    unit_keep(a, i0, m);
+  for_each_unit(block, thread, threads, grid, a, [&](int64_t i0, const S (&m)[U]) {
     int64_t c = i0 % a.h;
     if (a.vec && i0 + U <= a.n) {  // h % U == 0: the unit's columns c .. c + U - 1 lie in one row
       T x[U], b[U], r[U];
@@ -187,7 +184,7 @@ FUSEDOPT_HD inline void bias_dropout_add_thread(int64_t block, int64_t thread, i
         if (++c == a.h) c = 0;
       }
     }
-  }
+  });
 }
 
 // bias_dropout_add's backward, first pass: dx = dropout(dy) and the partial

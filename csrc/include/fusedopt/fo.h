@@ -12,6 +12,18 @@
 #endif
 
 namespace fusedopt {
+
+// Op-math, the type every kernel computes in: float for fp32, fp16 and bf16,
+// double for fp64 (DESIGN.md §4).
+template <typename T>
+struct OpMath {
+  using type = float;
+};
+template <>
+struct OpMath<double> {
+  using type = double;
+};
+
 namespace fo {
 
 // Note [Explicit FMA]

@@ -64,16 +64,6 @@ constexpr int64_t kMaxBlocks = int64_t(1) << 30;  // per launch (grid.x allows 2
 constexpr int kStepThreads = 256;                 // threads per block of the step kernel
 constexpr size_t kArgBytes = 32 * 1024 - 512;     // Note [Kernel arguments]
 
-// Op-math: fp16/bf16 compute in float, fp32 in float, fp64 in double.
-template <typename T>
-struct OpMath {
-  using type = float;
-};
-template <>
-struct OpMath<double> {
-  using type = double;
-};
-
 // Elements a thread handles per step: 16 bytes of fp32 (4), fp16/bf16 (8);
 // 4 fp64 are two 16-byte accesses. Always a multiple of 4, so a group starts
 // on a Philox block (4 elements per block) and needs G/4 draws.
