@@ -130,14 +130,7 @@ void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedopt, CPU, m) {
-  m.impl("_gridemu_sgd_", &sgd_<double>);
-  m.impl("_gridemu_sgd_.tensor_lr", &sgd_<const at::Tensor&>);
-  m.impl("_gridemu_adagrad_", &adagrad_<double>);
-  m.impl("_gridemu_adagrad_.tensor_lr", &adagrad_<const at::Tensor&>);
-  m.impl("_gridemu_rmsprop_", &rmsprop_<double>);
-  m.impl("_gridemu_rmsprop_.tensor_lr", &rmsprop_<const at::Tensor&>);
-  m.impl("_gridemu_adam_", &adam_<double>);
-  m.impl("_gridemu_adam_.tensor_lr", &adam_<const at::Tensor&>);
+  FUSEDOPT_IMPL_OPTIMIZERS(m, "_gridemu_");
 }
 
 }  // namespace fusedopt::gridemu

@@ -117,28 +117,14 @@ void stream_(const at::Tensor& a, const at::Tensor& b, double s) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedopt, CPU, m) {
-  m.impl("sgd_", &sgd_<double>);
-  m.impl("sgd_.tensor_lr", &sgd_<const at::Tensor&>);
-  m.impl("adagrad_", &adagrad_<double>);
-  m.impl("adagrad_.tensor_lr", &adagrad_<const at::Tensor&>);
-  m.impl("rmsprop_", &rmsprop_<double>);
-  m.impl("rmsprop_.tensor_lr", &rmsprop_<const at::Tensor&>);
-  m.impl("adam_", &adam_<double>);
-  m.impl("adam_.tensor_lr", &adam_<const at::Tensor&>);
+  FUSEDOPT_IMPL_OPTIMIZERS(m, "");
   m.impl("stream_", &stream_);
 }
 
 // A sparse gradient dispatches here; gather() rejects it with a plain message
 // instead of the dispatcher's "could not run with SparseCPU".
 TORCH_LIBRARY_IMPL(fusedopt, SparseCPU, m) {
-  m.impl("sgd_", &sgd_<double>);
-  m.impl("sgd_.tensor_lr", &sgd_<const at::Tensor&>);
-  m.impl("adagrad_", &adagrad_<double>);
-  m.impl("adagrad_.tensor_lr", &adagrad_<const at::Tensor&>);
-  m.impl("rmsprop_", &rmsprop_<double>);
-  m.impl("rmsprop_.tensor_lr", &rmsprop_<const at::Tensor&>);
-  m.impl("adam_", &adam_<double>);
-  m.impl("adam_.tensor_lr", &adam_<const at::Tensor&>);
+  FUSEDOPT_IMPL_OPTIMIZERS(m, "");
 }
 
 }  // namespace fusedopt::cpu

@@ -164,3 +164,16 @@ inline KernelLr kernel_lr(const char* op, const at::Tensor& lr, at::TensorList p
 }
 
 }  // namespace fusedopt
+
+// Registers a device's optimizer ops, functions sgd_, adagrad_, rmsprop_ and
+// adam_ templated on the lr type, under PREFIX + name and its `.tensor_lr`
+// overload (Note [Tensor lr]).
+#define FUSEDOPT_IMPL_OPTIMIZERS(m, PREFIX)                                    \
+  m.impl(PREFIX "sgd_", &sgd_<double>);                                        \
+  m.impl(PREFIX "sgd_.tensor_lr", &sgd_<const at::Tensor&>);                   \
+  m.impl(PREFIX "adagrad_", &adagrad_<double>);                                \
+  m.impl(PREFIX "adagrad_.tensor_lr", &adagrad_<const at::Tensor&>);           \
+  m.impl(PREFIX "rmsprop_", &rmsprop_<double>);                                \
+  m.impl(PREFIX "rmsprop_.tensor_lr", &rmsprop_<const at::Tensor&>);           \
+  m.impl(PREFIX "adam_", &adam_<double>);                                      \
+  m.impl(PREFIX "adam_.tensor_lr", &adam_<const at::Tensor&>)
