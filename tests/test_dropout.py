@@ -600,6 +600,9 @@ def test_cuda_dropout_equals_cpu(dtype, n, mis):
             assert_bitwise(OPS.dropout_backward(xc, p, draw(SEED, offset)).cpu(), want)
         bits = OPS.dropout_keep_bits(xc, p, draw(SEED, 5))
         assert bits.is_cuda and torch.equal(bits.cpu(), OPS.dropout_keep_bits(x, p, draw(SEED, 5)))
+        inplace = xc.clone() if not mis else on_cuda(x, mis)
+        OPS.dropout_(inplace, p, draw(SEED, 3))  # Note [In-place dropout]
+        assert_bitwise(inplace.cpu(), OPS.dropout(x, p, draw(SEED, 3)), f"in place, p={p}")
 
 
 @pytest.mark.cuda
