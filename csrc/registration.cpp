@@ -8,7 +8,7 @@
 #define FUSEDOPT_COMMON_ARGS                                                          \
   "float weight_decay=0., float l1_decay=0., bool decoupled_weight_decay=False, "     \
   "bool maximize=False, float grad_keep_prob=1., int grad_mask_seed=0, "              \
-  "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()"
+  "bool stochastic_rounding=False, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()"
 
 // The argument lists of the optimizer ops (the grid-emulation ops at the end
 // of this file take the very same), with lr a float or, in each op's

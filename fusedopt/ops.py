@@ -9,8 +9,11 @@ kernels read it: the `.tensor_lr` overload of each op, Note [Tensor lr] in csrc/
 torch.compile a tensor lr is a graph input, so changing it recompiles nothing.
 `steps` holds one scalar float32/float64 tensor per parameter (steps already taken; on the CPU for CPU
 tensors, on the device otherwise), which the op advances unless `found_inf` is set. `indices[j]` is the
-parameter's number in the optimizer's state_dict (the gradient mask stream). A state list a configuration
-does not use is passed empty. The fakes let torch.compile trace the ops: they only check list lengths.
+parameter's number in the optimizer's state_dict (the gradient mask and rounding streams). A state list a
+configuration does not use is passed empty. State lists hold the params' dtype, or float32 for float16/bfloat16
+params (Note [State dtype] in csrc/include/fusedopt/checks.h); `stochastic_rounding` stores bfloat16 params
+rounded stochastically (Note [Stochastic rounding] in csrc/include/fusedopt/math/round.h). The fakes let
+torch.compile trace the ops: they only check list lengths.
 """
 from typing import Optional, Union
 
@@ -31,27 +34,31 @@ def sgd_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tenso
          indices: list[int], *, lr: Union[float, Tensor], momentum: float = 0.0, dampening: float = 0.0,
          nesterov: bool = False, ema_momentum: bool = False, weight_decay: float = 0.0, l1_decay: float = 0.0,
          decoupled_weight_decay: bool = False, maximize: bool = False, grad_keep_prob: float = 1.0,
-         grad_mask_seed: int = 0, grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+         grad_mask_seed: int = 0, stochastic_rounding: bool = False,
+         grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
     """SGD; momentum_buffers is empty when momentum == 0."""
     if params:  # with no tensor at all the dispatcher finds no kernel
         _overload(torch.ops.fusedopt.sgd_, lr)(
             params, grads, momentum_buffers, steps, indices, lr=lr, momentum=momentum, dampening=dampening,
             nesterov=nesterov, ema_momentum=ema_momentum, weight_decay=weight_decay, l1_decay=l1_decay,
             decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, grad_keep_prob=grad_keep_prob,
-            grad_mask_seed=grad_mask_seed, grad_scale=grad_scale, found_inf=found_inf)
+            grad_mask_seed=grad_mask_seed, stochastic_rounding=stochastic_rounding,
+            grad_scale=grad_scale, found_inf=found_inf)
 
 
 def adagrad_(params: list[Tensor], grads: list[Tensor], state_sums: list[Tensor], steps: list[Tensor],
              indices: list[int], *, lr: Union[float, Tensor], lr_decay: float = 0.0, eps: float = 1e-10,
              weight_decay: float = 0.0, l1_decay: float = 0.0, decoupled_weight_decay: bool = False,
              maximize: bool = False, grad_keep_prob: float = 1.0, grad_mask_seed: int = 0,
-             grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+             stochastic_rounding: bool = False, grad_scale: Optional[Tensor] = None,
+             found_inf: Optional[Tensor] = None) -> None:
     """Adagrad."""
     if params:  # with no tensor at all the dispatcher finds no kernel
         _overload(torch.ops.fusedopt.adagrad_, lr)(
             params, grads, state_sums, steps, indices, lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
             l1_decay=l1_decay, decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
-            grad_keep_prob=grad_keep_prob, grad_mask_seed=grad_mask_seed, grad_scale=grad_scale, found_inf=found_inf)
+            grad_keep_prob=grad_keep_prob, grad_mask_seed=grad_mask_seed, stochastic_rounding=stochastic_rounding,
+            grad_scale=grad_scale, found_inf=found_inf)
 
 
 def rmsprop_(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor], grad_avgs: list[Tensor],
@@ -59,14 +66,16 @@ def rmsprop_(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor
              alpha: float = 0.99, eps: float = 1e-8, momentum: float = 0.0, centered: bool = False,
              weight_decay: float = 0.0, l1_decay: float = 0.0, decoupled_weight_decay: bool = False,
              maximize: bool = False, grad_keep_prob: float = 1.0, grad_mask_seed: int = 0,
-             grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+             stochastic_rounding: bool = False, grad_scale: Optional[Tensor] = None,
+             found_inf: Optional[Tensor] = None) -> None:
     """RMSprop; grad_avgs is empty unless centered, momentum_buffers unless momentum > 0."""
     if params:  # with no tensor at all the dispatcher finds no kernel
         _overload(torch.ops.fusedopt.rmsprop_, lr)(
             params, grads, square_avgs, grad_avgs, momentum_buffers, steps, indices, lr=lr, alpha=alpha, eps=eps,
             momentum=momentum, centered=centered, weight_decay=weight_decay, l1_decay=l1_decay,
             decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, grad_keep_prob=grad_keep_prob,
-            grad_mask_seed=grad_mask_seed, grad_scale=grad_scale, found_inf=found_inf)
+            grad_mask_seed=grad_mask_seed, stochastic_rounding=stochastic_rounding,
+            grad_scale=grad_scale, found_inf=found_inf)
 
 
 def adam_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
@@ -74,14 +83,16 @@ def adam_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
           beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, amsgrad: bool = False,
           eps_inside_sqrt: bool = False, weight_decay: float = 0.0, l1_decay: float = 0.0,
           decoupled_weight_decay: bool = False, maximize: bool = False, grad_keep_prob: float = 1.0,
-          grad_mask_seed: int = 0, grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+          grad_mask_seed: int = 0, stochastic_rounding: bool = False,
+          grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
     """Adam / AdamW (decoupled_weight_decay=True); max_exp_avg_sqs is empty unless amsgrad."""
     if params:  # with no tensor at all the dispatcher finds no kernel
         _overload(torch.ops.fusedopt.adam_, lr)(
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, indices, lr=lr, beta1=beta1, beta2=beta2,
             eps=eps, amsgrad=amsgrad, eps_inside_sqrt=eps_inside_sqrt, weight_decay=weight_decay, l1_decay=l1_decay,
             decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, grad_keep_prob=grad_keep_prob,
-            grad_mask_seed=grad_mask_seed, grad_scale=grad_scale, found_inf=found_inf)
+            grad_mask_seed=grad_mask_seed, stochastic_rounding=stochastic_rounding,
+            grad_scale=grad_scale, found_inf=found_inf)
 
 
 def stream_(a: Tensor, b: Tensor, s: float) -> None:

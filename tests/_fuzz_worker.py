@@ -166,7 +166,7 @@ def optimizer_call(draw, isas):
     for name in ["lr", "weight_decay", "l1_decay", "grad_keep_prob"] + FLOAT_OPTIONS[opt]:
         if name == "lr" or draw(st.booleans()):
             kw[name] = draw(scalars) if odd() else draw(st.floats(*VALID[name]))
-    for name in ["decoupled_weight_decay", "maximize"] + BOOL_OPTIONS[opt]:
+    for name in ["decoupled_weight_decay", "maximize", "stochastic_rounding"] + BOOL_OPTIONS[opt]:
         if draw(st.booleans()):
             kw[name] = draw(st.booleans())
     if draw(st.booleans()):
@@ -177,7 +177,9 @@ def optimizer_call(draw, isas):
     pool = []
     params = tensor_list(draw, odd, numels, dtype, pool)
     grads = tensor_list(draw, odd, numels, dtype, pool)
-    states = [tensor_list(draw, odd, numels, dtype, pool, used) for used in used_lists(opt, kw)]
+    # the state in the params' dtype, float32 (Note [State dtype]: valid for half params) or another
+    state_dtype = draw(st.sampled_from([dtype, dtype, torch.float32] + GOOD_DTYPES))
+    states = [tensor_list(draw, odd, numels, state_dtype, pool, used) for used in used_lists(opt, kw)]
     steps = [step_tensor(draw, odd, pool) for _ in range(n + 1 if odd() else n)]
     indices = [draw(ints) if odd() else j for j in range(n + 1 if odd() else n)]
     kw["grad_scale"], kw["found_inf"] = amp_tensor(draw, odd), amp_tensor(draw, odd)

@@ -131,8 +131,37 @@ def test_dtype_mismatch(which, dtype):
     expect_error(call, rf"{name}\[2\] has dtype {dtype_name(dtype)}, expected Float")
 
 
+@pytest.mark.parametrize("param, state, match", [
+    (torch.float32, torch.float64, r"exp_avgs\[0\] has dtype Double; the state of Float parameters must be Float \("),
+    (torch.float64, torch.float32, r"the state of Double parameters must be Double \("),
+    (torch.bfloat16, torch.float64, r"the state of BFloat16 parameters must be BFloat16 or float32"),
+    (torch.float16, torch.bfloat16, r"the state of Half parameters must be Half or float32"),
+])
+def test_state_dtype_must_fit_the_params(param, state, match):
+    """Note [State dtype]: the params' dtype, or float32 for half params; nothing else."""
+    call = Call("adam", dtype=param)
+    for name in STATE_LISTS["adam"]:
+        call.lists[name] = [t.to(state) for t in call.lists[name]]
+    expect_error(call, match)
+
+
+def test_state_lists_share_one_dtype():
+    call = Call("adam", dtype=torch.bfloat16)
+    for name in STATE_LISTS["adam"]:
+        call.lists[name] = [t.float() for t in call.lists[name]]
+    call.lists["max_exp_avg_sqs"][1] = call.lists["max_exp_avg_sqs"][1].to(torch.bfloat16)
+    expect_error(call, r"max_exp_avg_sqs\[1\] has dtype BFloat16, expected Float \(every state tensor")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("opt", list(STATE_LISTS))
+def test_stochastic_rounding_needs_bf16(opt, dtype):
+    expect_error(Call(opt, dtype=dtype, stochastic_rounding=True),
+                 rf"stochastic_rounding applies to bfloat16 parameters, got {dtype_name(dtype)}")
+
+
 def dtype_name(dtype):
-    return {torch.float64: "Double", torch.float16: "Half"}[dtype]
+    return {torch.float64: "Double", torch.float16: "Half", torch.float32: "Float"}[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.complex64, torch.bool, torch.uint8])

@@ -159,6 +159,21 @@ def test_other_dtypes_bitwise_random_configurations(dtype):
         _assert_bitwise(*run_devices(case, steps=2), f"trial {trial}: {case.opt} {case.options}")
 
 
+@pytest.mark.parametrize("kind", [(torch.float16, False), (torch.bfloat16, False), (torch.bfloat16, True)],
+                         ids=["float16", "bfloat16", "bfloat16-sr"])
+@pytest.mark.parametrize("opt", list(VARIANTS))
+def test_fp32_state_and_stochastic_rounding_bitwise(opt, kind):
+    """float32 state for half params (Note [State dtype]) and stochastic rounding of bf16 params (Note
+    [Stochastic rounding]): the CUDA op gives the CPU op's bits, every variant, decays and masking."""
+    dtype, stochastic = kind
+    for variant, (decay, extra) in itertools.product(VARIANTS[opt], [(DECAYS[3], EXTRAS[2]), (DECAYS[6], EXTRAS[1])]):
+        options = {**variant, **decay, **extra, "stochastic_rounding": stochastic, "grad_mask_seed": SEED}
+        case = Case(opt, options, dtype, [1, 7, 64, 65, 4099, 0, 70001], steps0=[0, 1, 2, 5, 0, 3, 1000],
+                    offsets={("grads", 1): 1, ("params", 6): 3}, seed=zlib.crc32(repr(options).encode()),
+                    state_dtype=torch.float32)
+        _assert_bitwise(*run_devices(case, steps=3), f"{options} {_dt(dtype)} fp32 state")
+
+
 # AMP on the device, no host synchronisation.
 
 @pytest.mark.parametrize("opt", list(VARIANTS))

@@ -60,7 +60,7 @@ class Case:
     `offset` elements into its storage (misaligned for the 16-byte path)."""
 
     def __init__(self, opt, options, dtype, sizes, *, offsets=None, steps0=None, step_dtype=torch.float32,
-                 seed=0, indices=None):
+                 seed=0, indices=None, state_dtype=None):
         rng = torch.Generator().manual_seed(seed)
         self.opt, self.options, self.dtype = opt, options, dtype
         self.lists = [name for name, used in STATE_LISTS[opt] if used(options)]
@@ -74,13 +74,13 @@ class Case:
                 x = x.abs() * 0.1 if steps0[j] else torch.zeros_like(x)
             elif name != "params" and name != "grads":
                 x = x * 0.1 if steps0[j] else torch.zeros_like(x)
-            return x.to(dtype)[off:]
+            return x.to(dtype if name in ("params", "grads") else state_dtype or dtype)[off:]
 
         self.tensors = {name: [tensor(name, j, n) for j, n in enumerate(sizes)]
                         for name in ["params", "grads"] + self.lists}
         if "grad_avgs" in self.tensors:  # centered RMSprop: v − a² ≥ 0
             for v, a in zip(self.tensors["square_avgs"], self.tensors["grad_avgs"]):
-                v.copy_((v.double() + a.double() ** 2).to(dtype))
+                v.copy_((v.double() + a.double() ** 2).to(v.dtype))
         self.steps = [torch.tensor(float(k), dtype=step_dtype) for k in steps0]
         self.indices = indices if indices is not None else list(range(len(sizes)))
 
@@ -158,6 +158,26 @@ def test_every_option_bitwise(opt, variant, limits, plan):
         case = Case(opt, options, dtype, SIZES, steps0=[0, 1, 2, 5, 0, 3, 1000],
                     offsets={("grads", 1): 1, ("params", 6): 3}, seed=zlib.crc32(repr((opt, variant, d, e)).encode()))
         _assert_bitwise(*run_both(case, steps=3), f"{options} {_dt(dtype)}")
+
+
+# float32 state for half params, and stochastic rounding of bf16 params (Note [State dtype], Note
+# [Stochastic rounding]): the device bodies' mixed storage and rounding words against the CPU op.
+@pytest.mark.parametrize("kind", [(torch.float16, False), (torch.bfloat16, False), (torch.bfloat16, True)],
+                         ids=["float16", "bfloat16", "bfloat16-sr"])
+@pytest.mark.parametrize("limits", [None, "2,3,64,32"], ids=["cuda-plan", "small-plan"])
+@pytest.mark.parametrize("opt, variant", [(o, i) for o in VARIANTS for i in range(len(VARIANTS[o]))],
+                         ids=[f"{o}{i}" for o in VARIANTS for i in range(len(VARIANTS[o]))])
+def test_fp32_state_bitwise(opt, variant, limits, kind, plan):
+    if limits:
+        plan(limits)
+    dtype, stochastic = kind
+    for d, e in [(3, 2), (6, 1), (0, 0)]:
+        options = {**VARIANTS[opt][variant], **DECAYS[d], **EXTRAS[e], "stochastic_rounding": stochastic,
+                   "grad_mask_seed": SEED}
+        case = Case(opt, options, dtype, SIZES, steps0=[0, 1, 2, 5, 0, 3, 1000], state_dtype=torch.float32,
+                    offsets={("grads", 1): 1, ("params", 6): 3, ("exp_avgs", 3): 2},
+                    seed=zlib.crc32(repr((opt, variant, d, e, "fp32")).encode()))
+        _assert_bitwise(*run_both(case, steps=3), f"{options} {_dt(dtype)} fp32 state")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
@@ -256,6 +276,9 @@ def test_random_configurations_bitwise(plan):
             options["grad_keep_prob"] = rnd.choice([0.25, 0.6, 0.999])
             options["grad_mask_seed"] = rnd.randrange(-2**63, 2**63)
         dtype = rnd.choice(DTYPES)
+        half = dtype in (torch.float16, torch.bfloat16)
+        state_dtype = torch.float32 if half and rnd.random() < 0.5 else None
+        options["stochastic_rounding"] = dtype == torch.bfloat16 and rnd.random() < 0.5
         n = rnd.randint(1, 6)
         sizes = [rnd.choice([0, 1, 2, 3, 4, 5, 8, 15, 16, 17, 63, 200, 1031]) for _ in range(n)]
         lists = ["params", "grads"] + [name for name, used in STATE_LISTS[opt] if used(options)]
@@ -264,11 +287,11 @@ def test_random_configurations_bitwise(plan):
         plan(limits)
         case = Case(opt, options, dtype, sizes, offsets=offsets, steps0=[rnd.choice([0, 1, 9]) for _ in sizes],
                     step_dtype=rnd.choice([torch.float32, torch.float64]), seed=trial,
-                    indices=rnd.sample(range(1000), n))
+                    indices=rnd.sample(range(1000), n), state_dtype=state_dtype)
         amp = rnd.choice([{}, dict(grad_scale=torch.tensor([rnd.choice([1.0, 3.0, 65536.0])]),
                                    found_inf=torch.zeros(1))])
         _assert_bitwise(*run_both(case, steps=2, **amp), f"trial {trial}: {opt} {options} {_dt(dtype)} "
-                        f"sizes={sizes} offsets={offsets} plan={limits}")
+                        f"state={state_dtype} sizes={sizes} offsets={offsets} plan={limits}")
 
 
 def test_same_errors_as_cpu_op():

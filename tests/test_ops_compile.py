@@ -75,6 +75,17 @@ def test_opcheck_other_dtypes(dtype):
                           dict(lr=0.01, amsgrad=True, weight_decay=0.1))
 
 
+@pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_opcheck_fp32_state_of_bf16_params(case, stochastic):
+    """float32 state lists for bf16 params (Note [State dtype]), with and without stochastic rounding."""
+    name, used, options = case
+    params, grads, states, steps, indices = _lists(len(used), dtype=torch.bfloat16, step=2.0)
+    states = [[t.float() for t in s] if u else [] for s, u in zip(states, used)]
+    torch.library.opcheck(getattr(torch.ops.fusedopt, name).default, (params, grads, *states, steps, indices),
+                          dict(lr=0.01, stochastic_rounding=stochastic, grad_mask_seed=3, **options))
+
+
 @pytest.mark.parametrize("case", CASES, ids=_id)
 def test_opcheck_tensor_lr(case):
     """The `.tensor_lr` overloads (Note [Tensor lr]): schema, fake, and the float op's result bit for bit."""

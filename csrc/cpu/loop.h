@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "fusedopt/dispatch.h"
@@ -75,24 +77,48 @@ struct KeepDraw {
 // never stored. Their keep bits are 0, and lane k's bit is element i + k's,
 // as in whole vectors.
 
+// The words of stochastic rounding for a tensor at one step (Note [Rounding
+// stream]).
+struct RoundDraw {
+  uint64_t seed = 0, offset = 0;
+
+  void fill(uint32_t* out, int64_t i0, int64_t n) const { cache.fill(Draw{seed, offset, 0}, out, i0, n); }
+
+  mutable WordCache cache;
+};
+
+// f.template operator()<K>() for K = 0 .. N - 1, unrolled: list K's storage
+// type is a compile-time choice.
+template <int N, typename F>
+__attribute__((always_inline)) inline void for_each_list(const F& f) {
+  [&]<int... K>(std::integer_sequence<int, K...>) { (f.template operator()<K>(), ...); }(
+      std::make_integer_sequence<int, N>{});
+}
+
 // Runs body(x, keep) over elements [begin, end): x[k] holds W elements (a
 // partial vector last) of the k-th array as op-math; arrays whose bit is set
-// in `stores` are written back.
-template <typename scalar_t, int N, bool MASK, typename Body>
-inline void elementwise(scalar_t* const* ptr, int64_t begin, int64_t end, unsigned stores,
-                        const KeepDraw& draw, const Body& rule_body) {
+// in `stores` are written back. Lists 0 and 1 (θ, g) hold scalar_t, the
+// others state_t (Note [State dtype]); with SR, θ is stored with stochastic
+// rounding.
+template <typename scalar_t, typename state_t, bool SR, int N, bool MASK, typename Body>
+inline void elementwise(void* const* ptr, int64_t begin, int64_t end, unsigned stores, const KeepDraw& draw,
+                        const RoundDraw& round, const Body& rule_body) {
   // A local copy whose address never escapes: its constants can live in
-  // registers (stores through scalar_t* could alias the caller's copy).
+  // registers (stores through the data pointers could alias the caller's copy).
   const Body body = rule_body;
-  using Io = VecIo<scalar_t>;
-  using V = typename Io::V;
-  using S = typename Io::S;
-  constexpr int W = Io::W;
+  using V = typename VecIo<scalar_t>::V;
+  using S = typename VecIo<scalar_t>::S;
+  static_assert(std::is_same_v<V, typename VecIo<state_t>::V>, "one op-math type for every list");
+  constexpr int W = VecIo<scalar_t>::W;
   // n lanes from element i: whole vectors (FULL, n == W) or the partial last one. Always inlined, so the
   // main loop keeps the rule's constants in registers and its draw is the aligned whole-vector case.
   auto block = [&]<bool FULL>(int64_t i, int n) __attribute__((always_inline)) {
     V x[N];
-    for (int k = 0; k < N; ++k) x[k] = FULL ? Io::load(ptr[k] + i) : Io::load(ptr[k] + i, n);
+    for_each_list<N>([&]<int K>() {
+      using T = std::conditional_t<(K < 2), scalar_t, state_t>;
+      const T* p = static_cast<const T*>(ptr[K]) + i;
+      x[K] = FULL ? VecIo<T>::load(p) : VecIo<T>::load(p, n);
+    });
     V keep(S(1));
     if constexpr (MASK) {
       S bits[W];
@@ -101,21 +127,24 @@ inline void elementwise(scalar_t* const* ptr, int64_t begin, int64_t end, unsign
       keep = V::loadu(bits);
     }
     body(x, keep);
-    for (int k = 0; k < N; ++k)
-      if (stores >> k & 1u) {
-        if constexpr (FULL) Io::store(ptr[k] + i, x[k]);
-        else Io::store(ptr[k] + i, x[k], n);
+    for_each_list<N>([&]<int K>() {
+      using T = std::conditional_t<(K < 2), scalar_t, state_t>;
+      if (!(stores >> K & 1u)) return;
+      T* p = static_cast<T*>(ptr[K]) + i;
+      if constexpr (K == 0 && SR) {
+        uint32_t words[W];
+        round.fill(words, i, FULL ? W : n);
+        store_stochastic(p, x[K], words, FULL ? W : n);
+      } else if constexpr (FULL) {
+        VecIo<T>::store(p, x[K]);
+      } else {
+        VecIo<T>::store(p, x[K], n);
       }
+    });
   };
   int64_t i = begin;
   for (; i + W <= end; i += W) block.template operator()<true>(i, W);
   if (i < end) block.template operator()<false>(i, static_cast<int>(end - i));  // Note [Partial vector tail]
-}
-
-// The pointers of the first N lists of tensor t, typed.
-template <typename scalar_t, int N>
-inline void typed(const TensorRef& t, scalar_t* (&out)[N]) {
-  for (int k = 0; k < N; ++k) out[k] = static_cast<scalar_t*>(t.ptr[k]);
 }
 
 // Runs an optimizer over a validated call. `rule(step, S{})` returns the
@@ -129,18 +158,20 @@ template <int N, bool MASK, typename Call, typename Rule>
 void run_optimizer(const Call& call, const Rule& rule) {
   if (call.tensors.empty()) return;
   const unsigned stores = ((1u << N) - 1u) & ~(call.scaled ? 0u : 2u);
-  FUSEDOPT_DISPATCH_FLOATING(call.dtype, "fusedopt", [&] {
+  FUSEDOPT_DISPATCH_STORAGE(call, "fusedopt", [&] {
     using S = typename OpMath<scalar_t>::type;
     const int64_t step = call.tensors.front().step;
     const auto shared = rule(step, S{});
     for_each_chunk(call.tensors, [&](const TensorRef& t, int64_t begin, int64_t end) {
-      scalar_t* ptr[N];
-      typed(t, ptr);
       KeepDraw draw;
       if constexpr (MASK)
         draw = {call.common.seed, philox::grad_mask_offset(t.step, t.index), call.common.threshold};
-      if (t.step == step) elementwise<scalar_t, N, MASK>(ptr, begin, end, stores, draw, shared);
-      else elementwise<scalar_t, N, MASK>(ptr, begin, end, stores, draw, rule(t.step, S{}));
+      RoundDraw round;
+      if constexpr (SR) round = {call.common.seed, philox::rounding_offset(t.step, t.index)};
+      if (t.step == step)
+        elementwise<scalar_t, state_t, SR, N, MASK>(t.ptr, begin, end, stores, draw, round, shared);
+      else
+        elementwise<scalar_t, state_t, SR, N, MASK>(t.ptr, begin, end, stores, draw, round, rule(t.step, S{}));
     });
   });
 }

@@ -50,11 +50,11 @@ template <typename Lr>
 void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
           at::TensorList steps, at::IntArrayRef indices, Lr lr, double momentum, double dampening,
           bool nesterov, bool ema_momentum, double weight_decay, double l1_decay, bool decoupled,
-          bool maximize, double grad_keep_prob, int64_t grad_mask_seed,
+          bool maximize, double grad_keep_prob, int64_t grad_mask_seed, bool stochastic_rounding,
           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const double lr_host = host_lr("sgd_", lr);
   auto call = sgd_call(params, grads, momentum_buffers, steps, indices, lr_host, momentum, dampening, nesterov,
-                       ema_momentum, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed,
+                       ema_momentum, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed, stochastic_rounding,
                        grad_scale, found_inf, kCPU);
   if (!begin_step(call, steps, grad_scale, found_inf)) return;
   FUSEDOPT_ISA_CALL(sgd, call);
@@ -64,11 +64,11 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
 template <typename Lr>
 void adagrad_(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList steps,
               at::IntArrayRef indices, Lr lr, double lr_decay, double eps, double weight_decay,
-              double l1_decay, bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed,
+              double l1_decay, bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed, bool stochastic_rounding,
               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const double lr_host = host_lr("adagrad_", lr);
   auto call = adagrad_call(params, grads, state_sums, steps, indices, lr_host, lr_decay, eps, weight_decay,
-                           l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed, grad_scale, found_inf,
+                           l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed, stochastic_rounding, grad_scale, found_inf,
                            kCPU);
   if (!begin_step(call, steps, grad_scale, found_inf)) return;
   FUSEDOPT_ISA_CALL(adagrad, call);
@@ -80,12 +80,12 @@ void rmsprop_(at::TensorList params, at::TensorList grads, at::TensorList square
               at::TensorList grad_avgs, at::TensorList momentum_buffers, at::TensorList steps,
               at::IntArrayRef indices, Lr lr, double alpha, double eps, double momentum, bool centered,
               double weight_decay, double l1_decay, bool decoupled, bool maximize, double grad_keep_prob,
-              int64_t grad_mask_seed, const std::optional<at::Tensor>& grad_scale,
+              int64_t grad_mask_seed, bool stochastic_rounding, const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf) {
   const double lr_host = host_lr("rmsprop_", lr);
   auto call = rmsprop_call(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, indices, lr_host, alpha,
                            eps, momentum, centered, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob,
-                           grad_mask_seed, grad_scale, found_inf, kCPU);
+                           grad_mask_seed, stochastic_rounding, grad_scale, found_inf, kCPU);
   if (!begin_step(call, steps, grad_scale, found_inf)) return;
   FUSEDOPT_ISA_CALL(rmsprop, call);
   end_step(steps);
@@ -95,12 +95,12 @@ template <typename Lr>
 void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
            at::TensorList max_exp_avg_sqs, at::TensorList steps, at::IntArrayRef indices, Lr lr,
            double beta1, double beta2, double eps, bool amsgrad, bool eps_inside_sqrt, double weight_decay,
-           double l1_decay, bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed,
+           double l1_decay, bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed, bool stochastic_rounding,
            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const double lr_host = host_lr("adam_", lr);
   auto call = adam_call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, indices, lr_host, beta1,
                         beta2, eps, amsgrad, eps_inside_sqrt, weight_decay, l1_decay, decoupled, maximize,
-                        grad_keep_prob, grad_mask_seed, grad_scale, found_inf, kCPU);
+                        grad_keep_prob, grad_mask_seed, stochastic_rounding, grad_scale, found_inf, kCPU);
   if (!begin_step(call, steps, grad_scale, found_inf)) return;
   FUSEDOPT_ISA_CALL(adam, call);
   end_step(steps);

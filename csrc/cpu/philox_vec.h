@@ -5,6 +5,7 @@
 // philox::block. Every path yields the bits of the scalar definition in
 // fusedopt/philox.h; tests/test_dropout.py checks each ISA against the
 // known answers and the numpy reference.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -188,6 +189,36 @@ class Keeper {
 #endif
   }
 
+  // out[e] = the word of element 64·q0 + e, for e < 64·kBatch (the raw
+  // words the keep bits above compare with the threshold).
+  void words(uint64_t q0, uint32_t (&out)[64 * kBatch]) const {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+    VI c[kVectors][4];
+    for (int v = 0; v < kVectors; ++v) {
+      const uint64_t g0 = 16 * q0 + static_cast<uint64_t>(v) * kLanes;
+      c[v][0] = counters(static_cast<uint32_t>(g0));
+      c[v][1] = set1(static_cast<uint32_t>(g0 >> 32));
+      c[v][2] = set1(static_cast<uint32_t>(d_.offset));
+      c[v][3] = set1(static_cast<uint32_t>(d_.offset >> 32));
+    }
+    philox_rounds<kVectors>(c, keys_);
+    for (int v = 0; v < kVectors; ++v) {
+      const VI t0 = unpacklo32(c[v][0], c[v][1]), t1 = unpacklo32(c[v][2], c[v][3]);
+      const VI t2 = unpackhi32(c[v][0], c[v][1]), t3 = unpackhi32(c[v][2], c[v][3]);
+      uint32_t* o = out + 4 * kLanes * v;
+      storeu(o, unpacklo64(t0, t1));
+      storeu(o + kLanes, unpackhi64(t0, t1));
+      storeu(o + 2 * kLanes, unpacklo64(t2, t3));
+      storeu(o + 3 * kLanes, unpackhi64(t2, t3));
+    }
+#else
+    for (int k = 0; k < 16; ++k) {
+      const philox::Words w = philox::block(d_.seed, d_.offset, 16 * q0 + k);
+      std::memcpy(out + 4 * k, w.w, sizeof(w.w));
+    }
+#endif
+  }
+
  private:
   Draw d_;
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
@@ -300,6 +331,38 @@ class KeepCache {
 
   Slot slot_[2];
   std::optional<Keeper> keeper_;  // made on first use, for the draw of that call
+};
+
+// The Philox words of a draw's elements (stochastic rounding: Note [Rounding
+// stream] in fusedopt/philox.h), for a loop that walks the draw in order;
+// the last batch is cached.
+class WordCache {
+ public:
+  // out[k] = the word of element i0 + k, for k < n.
+  void fill(const Draw& d, uint32_t* out, int64_t i0, int64_t n) {
+    constexpr int64_t B = 64 * kBatch;
+    for (int64_t k = 0; k < n;) {
+      const auto i = static_cast<uint64_t>(i0 + k);
+      const uint64_t b = i / B;
+      if (!valid_ || b_ != b) refill(d, b);
+      const int64_t take = std::min<int64_t>(n - k, static_cast<int64_t>(B - (i - b * B)));
+      std::memcpy(out + k, words_ + (i - b * B), static_cast<size_t>(take) * sizeof(uint32_t));
+      k += take;
+    }
+  }
+
+ private:
+  __attribute__((noinline)) void refill(const Draw& d, uint64_t b) {
+    if (!keeper_) keeper_.emplace(d);
+    keeper_->words(b * kBatch, words_);
+    b_ = b;
+    valid_ = true;
+  }
+
+  uint32_t words_[64 * kBatch];
+  uint64_t b_ = 0;  // batch index: elements [b·64·kBatch, (b + 1)·64·kBatch)
+  bool valid_ = false;
+  std::optional<Keeper> keeper_;
 };
 
 }  // namespace CPU_CAPABILITY

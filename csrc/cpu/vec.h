@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "fusedopt/fo.h"
+#include "fusedopt/math/round.h"
 
 namespace fusedopt {
 namespace fo {
@@ -98,6 +99,17 @@ struct VecIo {
     }
   }
 };
+
+// Stores the first n <= W lanes of an fp32 vector as bfloat16, lane k rounded
+// stochastically with words[k] (Note [Stochastic rounding]).
+inline void store_stochastic(at::BFloat16* p, const at::vec::Vectorized<float>& v, const uint32_t* words, int n) {
+  constexpr int W = at::vec::Vectorized<float>::size();
+  float x[W];
+  v.store(x);
+  uint16_t bits[W];
+  for (int k = 0; k < W; ++k) bits[k] = math::bf16_bits_stochastic(x[k], words[k]);
+  std::memcpy(p, bits, static_cast<size_t>(n) * sizeof(uint16_t));
+}
 
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu

@@ -44,14 +44,14 @@ template <typename Lr>
 void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, at::TensorList steps,
           at::IntArrayRef indices, Lr lr, double momentum, double dampening, bool nesterov, bool ema_momentum,
           double weight_decay, double l1_decay, bool decoupled, bool maximize, double grad_keep_prob,
-          int64_t grad_mask_seed, const std::optional<at::Tensor>& grad_scale,
+          int64_t grad_mask_seed, bool stochastic_rounding, const std::optional<at::Tensor>& grad_scale,
           const std::optional<at::Tensor>& found_inf) {
   check_one_device("sgd_", {{"params", params}, {"grads", grads}, {"momentum_buffers", momentum_buffers},
                             {"steps", steps}}, grad_scale, found_inf);
   const KernelLr klr = kernel_lr("sgd_", lr, params, false);
   auto call = sgd_call(params, grads, momentum_buffers, steps, indices, klr.value, momentum, dampening, nesterov,
                        ema_momentum, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob,
-                       grad_mask_seed, grad_scale, found_inf, c10::DeviceType::CUDA);
+                       grad_mask_seed, stochastic_rounding, grad_scale, found_inf, c10::DeviceType::CUDA);
   call.lr = klr.ptr();
   if (!params.empty()) run(call, params[0], steps, grad_scale, found_inf);
 }
@@ -59,13 +59,13 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
 template <typename Lr>
 void adagrad_(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList steps,
               at::IntArrayRef indices, Lr lr, double lr_decay, double eps, double weight_decay,
-              double l1_decay, bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed,
+              double l1_decay, bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed, bool stochastic_rounding,
               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   check_one_device("adagrad_", {{"params", params}, {"grads", grads}, {"state_sums", state_sums},
                                 {"steps", steps}}, grad_scale, found_inf);
   const KernelLr klr = kernel_lr("adagrad_", lr, params, false);
   auto call = adagrad_call(params, grads, state_sums, steps, indices, klr.value, lr_decay, eps, weight_decay,
-                           l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed, grad_scale,
+                           l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed, stochastic_rounding, grad_scale,
                            found_inf, c10::DeviceType::CUDA);
   call.lr = klr.ptr();
   if (!params.empty()) run(call, params[0], steps, grad_scale, found_inf);
@@ -75,7 +75,7 @@ template <typename Lr>
 void rmsprop_(at::TensorList params, at::TensorList grads, at::TensorList square_avgs, at::TensorList grad_avgs,
               at::TensorList momentum_buffers, at::TensorList steps, at::IntArrayRef indices, Lr lr,
               double alpha, double eps, double momentum, bool centered, double weight_decay, double l1_decay,
-              bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed,
+              bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed, bool stochastic_rounding,
               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   check_one_device("rmsprop_", {{"params", params}, {"grads", grads}, {"square_avgs", square_avgs},
                                 {"grad_avgs", grad_avgs}, {"momentum_buffers", momentum_buffers},
@@ -83,7 +83,7 @@ void rmsprop_(at::TensorList params, at::TensorList grads, at::TensorList square
   const KernelLr klr = kernel_lr("rmsprop_", lr, params, false);
   auto call = rmsprop_call(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, indices, klr.value,
                            alpha, eps, momentum, centered, weight_decay, l1_decay, decoupled, maximize,
-                           grad_keep_prob, grad_mask_seed, grad_scale, found_inf, c10::DeviceType::CUDA);
+                           grad_keep_prob, grad_mask_seed, stochastic_rounding, grad_scale, found_inf, c10::DeviceType::CUDA);
   call.lr = klr.ptr();
   if (!params.empty()) run(call, params[0], steps, grad_scale, found_inf);
 }
@@ -92,7 +92,7 @@ template <typename Lr>
 void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
            at::TensorList max_exp_avg_sqs, at::TensorList steps, at::IntArrayRef indices, Lr lr, double beta1,
            double beta2, double eps, bool amsgrad, bool eps_inside_sqrt, double weight_decay, double l1_decay,
-           bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed,
+           bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed, bool stochastic_rounding,
            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   check_one_device("adam_", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
                              {"exp_avg_sqs", exp_avg_sqs}, {"max_exp_avg_sqs", max_exp_avg_sqs},
@@ -100,7 +100,7 @@ void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
   const KernelLr klr = kernel_lr("adam_", lr, params, false);
   auto call = adam_call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, indices, klr.value, beta1,
                         beta2, eps, amsgrad, eps_inside_sqrt, weight_decay, l1_decay, decoupled, maximize,
-                        grad_keep_prob, grad_mask_seed, grad_scale, found_inf, c10::DeviceType::CUDA);
+                        grad_keep_prob, grad_mask_seed, stochastic_rounding, grad_scale, found_inf, c10::DeviceType::CUDA);
   call.lr = klr.ptr();
   if (!params.empty()) run(call, params[0], steps, grad_scale, found_inf);
 }

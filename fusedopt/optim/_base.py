@@ -41,7 +41,8 @@ class FusedOptimizer(Optimizer):
     # Whether a saved state must hold 'step' (Note [Checked state_dict]); torch's SGD keeps none.
     _step_required = True
 
-    def __init__(self, params, defaults, *, l1_decay, decoupled_weight_decay, grad_keep_prob, grad_mask_seed):
+    def __init__(self, params, defaults, *, l1_decay, decoupled_weight_decay, grad_keep_prob, grad_mask_seed,
+                 state_dtype, bf16_stochastic_rounding):
         name = type(self).__name__
         if defaults.get("differentiable"):
             raise ValueError(f"{name} does not support differentiable=True: its step is a fused kernel "
@@ -52,16 +53,23 @@ class FusedOptimizer(Optimizer):
             raise ValueError(f"Invalid l1_decay value: {l1_decay}")
         if not 0.0 < grad_keep_prob <= 1.0:
             raise ValueError(f"Invalid grad_keep_prob value: {grad_keep_prob} (must lie in (0, 1])")
+        if state_dtype not in (None, torch.float32):
+            raise ValueError(f"Invalid state_dtype value: {state_dtype} (None: the parameters' dtype, as torch; "
+                             "torch.float32: float32 state for float16/bfloat16 parameters)")
+        if not isinstance(bf16_stochastic_rounding, bool):
+            raise ValueError(f"Invalid bf16_stochastic_rounding value: {bf16_stochastic_rounding} (must be a bool)")
         if grad_mask_seed is None:
             # Drawn from torch's default generator, so torch.manual_seed makes runs reproducible; without
-            # masking no number is drawn (torch.initial_seed() instead), so swapping torch.optim for
-            # fusedopt leaves the program's random stream (init, dropout, shuffling) as it was.
-            grad_mask_seed = (int(torch.randint(0, 2**63 - 1, ()).item()) if grad_keep_prob < 1
+            # masking or rounding no number is drawn (torch.initial_seed() instead), so swapping torch.optim
+            # for fusedopt leaves the program's random stream (init, dropout, shuffling) as it was.
+            random = grad_keep_prob < 1 or bf16_stochastic_rounding
+            grad_mask_seed = (int(torch.randint(0, 2**63 - 1, ()).item()) if random
                               else torch.initial_seed() % 2**63)
         elif not (isinstance(grad_mask_seed, int) and 0 <= grad_mask_seed < 2**64):
             raise ValueError(f"Invalid grad_mask_seed value: {grad_mask_seed} (must be an int in [0, 2^64))")
         defaults.update(l1_decay=l1_decay, decoupled_weight_decay=decoupled_weight_decay,
-                        grad_keep_prob=grad_keep_prob, grad_mask_seed=grad_mask_seed)
+                        grad_keep_prob=grad_keep_prob, grad_mask_seed=grad_mask_seed, state_dtype=state_dtype,
+                        bf16_stochastic_rounding=bf16_stochastic_rounding)
         super().__init__(params, defaults)
 
     def _buffers(self, group):
@@ -86,6 +94,14 @@ class FusedOptimizer(Optimizer):
                     group.setdefault(key, value)
         _check_state(self, state_dict["state"], saved)
         super().load_state_dict({**state_dict, "param_groups": saved})
+        # torch casts every buffer to its parameter's dtype; a group with float32 state takes the saved
+        # buffers as float32 instead, from the saved tensors (Note [State dtype] in csrc/include/fusedopt/checks.h).
+        for g, group in zip(saved, self.param_groups):
+            for i, p in zip(g["params"], group["params"]):
+                want = _state_dtype(p, group)
+                for key, value in state_dict["state"].get(i, {}).items():
+                    if key != "step" and self.state[p][key].dtype != want:
+                        self.state[p][key] = value.to(dtype=want, device=p.device)
         self.__dict__.pop("_plans", None)  # Note [Step plans]: the state tensors were replaced
 
     def _state(self, p, group):
@@ -98,11 +114,14 @@ class FusedOptimizer(Optimizer):
             step = step.to(p.device)
         if state.get("step") is not step:
             state["step"] = step
+        dtype = _state_dtype(p, group)
         for key, used in self._buffers(group):
             if used and key not in state:
                 fill = self._initial(group, key)
-                state[key] = torch.full_like(p, complex(fill, fill) if p.is_complex() else fill,
+                state[key] = torch.full_like(p, complex(fill, fill) if p.is_complex() else fill, dtype=dtype,
                                              memory_format=torch.preserve_format)
+            elif used and state[key].dtype != dtype:  # the group's state_dtype changed
+                state[key] = state[key].to(dtype)
         return state
 
     @torch.no_grad()
@@ -125,13 +144,15 @@ class FusedOptimizer(Optimizer):
             params = group["params"]
             grads = [p.grad for p in params]
             spec = self._buffers(group)
-            key = (tuple(map(operator.is_not, grads, itertools.repeat(None))), tuple(spec), first)
+            key = (tuple(map(operator.is_not, grads, itertools.repeat(None))), tuple(spec), first,
+                   group["state_dtype"])
             plan = plans.get(gi)
             if plan is None or plan[0] != key:
                 plan = plans[gi] = (key, self._plan(group, spec, grads, first))
             lr = group["lr"]  # a tensor goes to the op as it is (Note [Tensor lr] in csrc/include/fusedopt/calls.h)
             options = dict(lr=lr if torch.is_tensor(lr) else float(lr), **self._options(group), **_common(group))
-            for device, members, lists in plan[1]:
+            rounding = group["bf16_stochastic_rounding"]
+            for device, dtype, members, lists in plan[1]:
                 copies = []  # (tensor, the contiguous copy handed to the op)
                 if lists is None:  # complex or non-contiguous members: operands anew each step
                     rows = [[_operand(t, copies) for t in self._operands(params[i], grads[i], group, spec)]
@@ -145,7 +166,8 @@ class FusedOptimizer(Optimizer):
                 if device not in amp:
                     amp[device] = [None if t is None else t.to(device=device, dtype=torch.float32)
                                    for t in (grad_scale, found_inf)]
-                self._op(*op_lists, **options, grad_scale=amp[device][0], found_inf=amp[device][1])
+                self._op(*op_lists, **options, stochastic_rounding=rounding and dtype is torch.bfloat16,
+                         grad_scale=amp[device][0], found_inf=amp[device][1])
                 for t, c in copies:
                     t.copy_(c)
             first += len(params)
@@ -169,7 +191,7 @@ class FusedOptimizer(Optimizer):
         the buffers in use or the state (load_state_dict) change, so step() keeps, per group, the op's lists
         for each (device, dtype) bucket and rebuilds them only then; a step then costs a list of gradients
         per bucket. Complex, non-contiguous or DTensor members go to buckets that convert their operands anew each
-        step. Returns [(device, members, lists or None)], lists = [params, *buffers, steps, indices]."""
+        step. Returns [(device, dtype, members, lists or None)], lists = [params, *buffers, steps, indices]."""
         buckets = {}
         for i, (p, g) in enumerate(zip(group["params"], grads)):
             if g is None:
@@ -185,13 +207,13 @@ class FusedOptimizer(Optimizer):
             dtype = torch.view_as_real(p).dtype if p.is_complex() else p.dtype
             buckets.setdefault((p.device, dtype, plain), []).append(i)
         plan = []
-        for (device, _, plain), members in buckets.items():
+        for (device, dtype, plain), members in buckets.items():
             lists = None
             if plain:
                 rows = [self._operands(group["params"][i], None, group, spec) for i in members]
                 columns = _columns(rows)
                 lists = columns[:1] + columns[2:] + [[i + first for i in members]]
-            plan.append((device, members, lists))
+            plan.append((device, dtype, members, lists))
         return plan
 
 # Note [Checked state_dict]
@@ -315,6 +337,17 @@ def _local(t):
         return t
     dtensor = sys.modules.get("torch.distributed.tensor")
     return t.to_local() if dtensor is not None and isinstance(t, dtensor.DTensor) else t
+
+
+def _state_dtype(p, group):
+    """The dtype of p's state buffers: p's, or float32 (complex64) for a float16/bfloat16 (complex32)
+    parameter in a group with state_dtype=torch.float32 (Note [State dtype] in csrc/include/fusedopt/checks.h)."""
+    if group["state_dtype"] is torch.float32:
+        if p.dtype in (torch.float16, torch.bfloat16):
+            return torch.float32
+        if p.dtype is torch.complex32:
+            return torch.complex64
+    return p.dtype
 
 
 def _common(group):

@@ -1,4 +1,5 @@
 """fusedopt.Adagrad: torch.optim.Adagrad's interface and state, one fused op call per device and dtype."""
+import torch
 from torch import Tensor
 
 from fusedopt import ops
@@ -8,7 +9,8 @@ from ._base import FusedOptimizer
 
 class Adagrad(FusedOptimizer):
     """torch.optim.Adagrad, plus the keyword-only options l1_decay, decoupled_weight_decay, grad_keep_prob
-    and grad_mask_seed (see fusedopt.Adam). State: 'step' and 'sum', created here as torch does."""
+    grad_mask_seed, state_dtype and bf16_stochastic_rounding (see
+    fusedopt.Adam). State: 'step' and 'sum', created here as torch does."""
 
     _op = staticmethod(ops.adagrad_)
 
@@ -16,7 +18,8 @@ class Adagrad(FusedOptimizer):
                  initial_accumulator_value: float = 0, eps: float = 1e-10, foreach: bool | None = None, *,
                  maximize: bool = False, differentiable: bool = False, fused: bool | None = None,
                  l1_decay: float = 0.0, decoupled_weight_decay: bool = False, grad_keep_prob: float = 1.0,
-                 grad_mask_seed: int | None = None) -> None:
+                 grad_mask_seed: int | None = None,
+                 state_dtype: torch.dtype | None = None, bf16_stochastic_rounding: bool = False) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
@@ -33,7 +36,8 @@ class Adagrad(FusedOptimizer):
                         initial_accumulator_value=initial_accumulator_value, foreach=foreach, maximize=maximize,
                         differentiable=differentiable, fused=fused)
         super().__init__(params, defaults, l1_decay=l1_decay, decoupled_weight_decay=decoupled_weight_decay,
-                         grad_keep_prob=grad_keep_prob, grad_mask_seed=grad_mask_seed)
+                         grad_keep_prob=grad_keep_prob, grad_mask_seed=grad_mask_seed,
+                         state_dtype=state_dtype, bf16_stochastic_rounding=bf16_stochastic_rounding)
         for group in self.param_groups:
             for p in group["params"]:
                 self._state(p, group)

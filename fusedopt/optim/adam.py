@@ -1,4 +1,5 @@
 """fusedopt.Adam and AdamW: torch.optim's interface and state, one fused op call per device and dtype."""
+import torch
 from torch import Tensor
 from torch.optim.optimizer import _to_scalar
 
@@ -19,6 +20,13 @@ class Adam(FusedOptimizer):
     grad_mask_seed (default None: drawn from torch's default CPU generator at construction): stored in each
         param group, so it travels with state_dict().
     eps_inside_sqrt (default False): the course's θ ← θ − (lr/bc1)·m / √(v/bc2 + ε).
+    state_dtype (default None: the parameter's dtype, as torch): torch.float32 keeps the state of float16 and
+        bfloat16 parameters in float32 (the math is float32 either way; the moments are no longer rounded to
+        8 or 11 bits after each step).
+    bf16_stochastic_rounding (default False): bfloat16 parameters are stored rounded stochastically, up with
+        probability equal to the fraction of the gap to the upper neighbour, so the rounding error is zero on
+        average and updates below half an ulp still move θ in expectation; the random bits are Philox keyed by
+        grad_mask_seed (its own stream, not the mask's).
 
     State: 'step', 'exp_avg', 'exp_avg_sq', 'max_exp_avg_sq' (amsgrad), as torch. foreach, fused and
     capturable are accepted and stored, and change nothing; differentiable=True is refused."""
@@ -30,6 +38,7 @@ class Adam(FusedOptimizer):
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, decoupled_weight_decay: bool = False, l1_decay: float = 0.0,
                  grad_keep_prob: float = 1.0, grad_mask_seed: int | None = None,
+                 state_dtype: torch.dtype | None = None, bf16_stochastic_rounding: bool = False,
                  eps_inside_sqrt: bool = False) -> None:
         if isinstance(lr, Tensor):
             if foreach and not capturable:
@@ -61,7 +70,8 @@ class Adam(FusedOptimizer):
                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay, eps_inside_sqrt=eps_inside_sqrt)
         super().__init__(params, defaults, l1_decay=l1_decay, decoupled_weight_decay=decoupled_weight_decay,
-                         grad_keep_prob=grad_keep_prob, grad_mask_seed=grad_mask_seed)
+                         grad_keep_prob=grad_keep_prob, grad_mask_seed=grad_mask_seed,
+                         state_dtype=state_dtype, bf16_stochastic_rounding=bf16_stochastic_rounding)
 
     def _buffers(self, group):
         return [("exp_avg", True), ("exp_avg_sq", True), ("max_exp_avg_sq", group["amsgrad"])]
@@ -80,11 +90,13 @@ class AdamW(Adam):
                  foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, decoupled_weight_decay: bool = True, l1_decay: float = 0.0,
                  grad_keep_prob: float = 1.0, grad_mask_seed: int | None = None,
+                 state_dtype: torch.dtype | None = None, bf16_stochastic_rounding: bool = False,
                  eps_inside_sqrt: bool = False) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=decoupled_weight_decay, l1_decay=l1_decay,
                          grad_keep_prob=grad_keep_prob, grad_mask_seed=grad_mask_seed,
+                         state_dtype=state_dtype, bf16_stochastic_rounding=bf16_stochastic_rounding,
                          eps_inside_sqrt=eps_inside_sqrt)
 
     def __setstate__(self, state):

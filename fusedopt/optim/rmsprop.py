@@ -1,4 +1,5 @@
 """fusedopt.RMSprop: torch.optim.RMSprop's interface and state, one fused op call per device and dtype."""
+import torch
 from torch import Tensor
 
 from fusedopt import ops
@@ -8,7 +9,8 @@ from ._base import FusedOptimizer
 
 class RMSprop(FusedOptimizer):
     """torch.optim.RMSprop, plus the keyword-only options l1_decay, decoupled_weight_decay, grad_keep_prob
-    and grad_mask_seed (see fusedopt.Adam). State: 'step', 'square_avg', 'grad_avg' (centered) and
+    grad_mask_seed, state_dtype and bf16_stochastic_rounding (see
+    fusedopt.Adam). State: 'step', 'square_avg', 'grad_avg' (centered) and
     'momentum_buffer' (momentum > 0)."""
 
     _op = staticmethod(ops.rmsprop_)
@@ -17,7 +19,8 @@ class RMSprop(FusedOptimizer):
                  weight_decay: float = 0, momentum: float = 0, centered: bool = False, capturable: bool = False,
                  foreach: bool | None = None, maximize: bool = False, differentiable: bool = False, *,
                  l1_decay: float = 0.0, decoupled_weight_decay: bool = False, grad_keep_prob: float = 1.0,
-                 grad_mask_seed: int | None = None) -> None:
+                 grad_mask_seed: int | None = None,
+                 state_dtype: torch.dtype | None = None, bf16_stochastic_rounding: bool = False) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
@@ -34,7 +37,8 @@ class RMSprop(FusedOptimizer):
                         weight_decay=weight_decay, capturable=capturable, foreach=foreach, maximize=maximize,
                         differentiable=differentiable)
         super().__init__(params, defaults, l1_decay=l1_decay, decoupled_weight_decay=decoupled_weight_decay,
-                         grad_keep_prob=grad_keep_prob, grad_mask_seed=grad_mask_seed)
+                         grad_keep_prob=grad_keep_prob, grad_mask_seed=grad_mask_seed,
+                         state_dtype=state_dtype, bf16_stochastic_rounding=bf16_stochastic_rounding)
 
     def _buffers(self, group):
         return [("square_avg", True), ("grad_avg", group["centered"]), ("momentum_buffer", group["momentum"] > 0)]

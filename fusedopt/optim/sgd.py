@@ -1,4 +1,5 @@
 """fusedopt.SGD: torch.optim.SGD's interface and state, one fused op call per device and dtype."""
+import torch
 from torch import Tensor
 
 from fusedopt import ops
@@ -9,7 +10,8 @@ from ._base import FusedOptimizer
 class SGD(FusedOptimizer):
     """torch.optim.SGD, plus the keyword-only options
 
-    l1_decay (λ1), decoupled_weight_decay, grad_keep_prob, grad_mask_seed: see fusedopt.Adam;
+    l1_decay (λ1), decoupled_weight_decay, grad_keep_prob, grad_mask_seed, state_dtype, bf16_stochastic_rounding: see
+    fusedopt.Adam;
     ema_momentum: the course's form b ← μ·b + (1 − μ)·g from b₀ = 0, θ ← θ − lr·b (needs dampening=0,
     excludes nesterov).
 
@@ -23,7 +25,9 @@ class SGD(FusedOptimizer):
                  weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
                  l1_decay: float = 0.0, decoupled_weight_decay: bool = False, grad_keep_prob: float = 1.0,
-                 grad_mask_seed: int | None = None, ema_momentum: bool = False) -> None:
+                 grad_mask_seed: int | None = None,
+                 state_dtype: torch.dtype | None = None, bf16_stochastic_rounding: bool = False,
+                 ema_momentum: bool = False) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if lr < 0.0:
@@ -40,7 +44,8 @@ class SGD(FusedOptimizer):
         if ema_momentum and (dampening != 0 or nesterov):
             raise ValueError("ema_momentum requires dampening=0 and nesterov=False")
         super().__init__(params, defaults, l1_decay=l1_decay, decoupled_weight_decay=decoupled_weight_decay,
-                         grad_keep_prob=grad_keep_prob, grad_mask_seed=grad_mask_seed)
+                         grad_keep_prob=grad_keep_prob, grad_mask_seed=grad_mask_seed,
+                         state_dtype=state_dtype, bf16_stochastic_rounding=bf16_stochastic_rounding)
 
     def _buffers(self, group):
         return [("momentum_buffer", group["momentum"] != 0)]

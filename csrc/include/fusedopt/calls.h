@@ -45,10 +45,11 @@ inline OptimizerCall<math::SgdHyper> sgd_call(
     at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, at::TensorList steps,
     at::IntArrayRef indices, double lr, double momentum, double dampening, bool nesterov, bool ema_momentum,
     double weight_decay, double l1_decay, bool decoupled, bool maximize, double grad_keep_prob,
-    int64_t grad_mask_seed, const std::optional<at::Tensor>& grad_scale,
+    int64_t grad_mask_seed, bool stochastic_rounding, const std::optional<at::Tensor>& grad_scale,
     const std::optional<at::Tensor>& found_inf, c10::DeviceType device_type) {
   OptimizerCall<math::SgdHyper> call;
-  call.common = make_common(lr, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed);
+  call.common = make_common(lr, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed,
+                            stochastic_rounding);
   check_hyper(std::isfinite(momentum) && momentum >= 0, "momentum", momentum);
   check_hyper(std::isfinite(dampening), "dampening", dampening);
   TORCH_CHECK(!nesterov || (momentum > 0 && dampening == 0),
@@ -56,24 +57,26 @@ inline OptimizerCall<math::SgdHyper> sgd_call(
   TORCH_CHECK(!ema_momentum || dampening == 0, "fusedopt: ema_momentum requires dampening=0");
   TORCH_CHECK(!(nesterov && ema_momentum), "fusedopt: nesterov and ema_momentum are exclusive");
   call.hyper = {momentum, dampening, nesterov, ema_momentum};
-  call.tensors = gather("sgd_", params, grads, {{"momentum_buffers", momentum_buffers, momentum != 0}}, steps,
-                        indices, grad_scale, found_inf, device_type, call.lists, call.dtype);
+  gather("sgd_", call, params, grads, {{"momentum_buffers", momentum_buffers, momentum != 0}}, steps,
+                        indices, grad_scale, found_inf, device_type);
   return call;
 }
 
 inline OptimizerCall<math::AdagradHyper> adagrad_call(
     at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList steps,
     at::IntArrayRef indices, double lr, double lr_decay, double eps, double weight_decay, double l1_decay,
-    bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed,
+    bool decoupled, bool maximize, double grad_keep_prob,
+    int64_t grad_mask_seed, bool stochastic_rounding,
     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
     c10::DeviceType device_type) {
   OptimizerCall<math::AdagradHyper> call;
-  call.common = make_common(lr, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed);
+  call.common = make_common(lr, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed,
+                            stochastic_rounding);
   check_hyper(std::isfinite(lr_decay) && lr_decay >= 0, "lr_decay", lr_decay);
   check_hyper(std::isfinite(eps) && eps >= 0, "eps", eps);
   call.hyper = {lr_decay, eps};
-  call.tensors = gather("adagrad_", params, grads, {{"state_sums", state_sums, true}}, steps, indices,
-                        grad_scale, found_inf, device_type, call.lists, call.dtype);
+  gather("adagrad_", call, params, grads, {{"state_sums", state_sums, true}}, steps, indices,
+                        grad_scale, found_inf, device_type);
   return call;
 }
 
@@ -81,19 +84,21 @@ inline OptimizerCall<math::RmspropHyper> rmsprop_call(
     at::TensorList params, at::TensorList grads, at::TensorList square_avgs, at::TensorList grad_avgs,
     at::TensorList momentum_buffers, at::TensorList steps, at::IntArrayRef indices, double lr, double alpha,
     double eps, double momentum, bool centered, double weight_decay, double l1_decay, bool decoupled,
-    bool maximize, double grad_keep_prob, int64_t grad_mask_seed, const std::optional<at::Tensor>& grad_scale,
+    bool maximize, double grad_keep_prob,
+    int64_t grad_mask_seed, bool stochastic_rounding, const std::optional<at::Tensor>& grad_scale,
     const std::optional<at::Tensor>& found_inf, c10::DeviceType device_type) {
   OptimizerCall<math::RmspropHyper> call;
-  call.common = make_common(lr, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed);
+  call.common = make_common(lr, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed,
+                            stochastic_rounding);
   check_hyper(std::isfinite(alpha) && alpha >= 0, "alpha", alpha);
   check_hyper(std::isfinite(eps) && eps >= 0, "eps", eps);
   check_hyper(std::isfinite(momentum) && momentum >= 0, "momentum", momentum);
   call.hyper = {alpha, eps, momentum, centered};
-  call.tensors = gather("rmsprop_", params, grads,
+  gather("rmsprop_", call, params, grads,
                         {{"square_avgs", square_avgs, true},
                          {"grad_avgs", grad_avgs, centered},
                          {"momentum_buffers", momentum_buffers, momentum > 0}},
-                        steps, indices, grad_scale, found_inf, device_type, call.lists, call.dtype);
+                        steps, indices, grad_scale, found_inf, device_type);
   return call;
 }
 
@@ -101,20 +106,22 @@ inline OptimizerCall<math::AdamHyper> adam_call(
     at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
     at::TensorList max_exp_avg_sqs, at::TensorList steps, at::IntArrayRef indices, double lr, double beta1,
     double beta2, double eps, bool amsgrad, bool eps_inside_sqrt, double weight_decay, double l1_decay,
-    bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed,
+    bool decoupled, bool maximize, double grad_keep_prob,
+    int64_t grad_mask_seed, bool stochastic_rounding,
     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
     c10::DeviceType device_type) {
   OptimizerCall<math::AdamHyper> call;
-  call.common = make_common(lr, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed);
+  call.common = make_common(lr, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed,
+                            stochastic_rounding);
   check_hyper(beta1 >= 0 && beta1 < 1, "beta1", beta1);
   check_hyper(beta2 >= 0 && beta2 < 1, "beta2", beta2);
   check_hyper(std::isfinite(eps) && eps >= 0, "eps", eps);
   call.hyper = {beta1, beta2, eps, amsgrad, eps_inside_sqrt};
-  call.tensors = gather("adam_", params, grads,
+  gather("adam_", call, params, grads,
                         {{"exp_avgs", exp_avgs, true},
                          {"exp_avg_sqs", exp_avg_sqs, true},
                          {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}},
-                        steps, indices, grad_scale, found_inf, device_type, call.lists, call.dtype);
+                        steps, indices, grad_scale, found_inf, device_type);
   return call;
 }
 

@@ -70,7 +70,8 @@ inline void check_hyper(bool ok, const char* what, double value) {
 }
 
 inline math::Common make_common(double lr, double weight_decay, double l1_decay, bool decoupled,
-                                bool maximize, double grad_keep_prob, int64_t grad_mask_seed) {
+                                bool maximize, double grad_keep_prob, int64_t grad_mask_seed,
+                                bool stochastic_rounding) {
   check_hyper(std::isfinite(lr) && lr >= 0, "lr", lr);
   check_hyper(std::isfinite(weight_decay) && weight_decay >= 0, "weight_decay", weight_decay);
   check_hyper(std::isfinite(l1_decay) && l1_decay >= 0, "l1_decay", l1_decay);
@@ -86,39 +87,67 @@ inline math::Common make_common(double lr, double weight_decay, double l1_decay,
   c.keep_prob = grad_keep_prob;
   c.seed = static_cast<uint64_t>(grad_mask_seed);
   c.threshold = philox::keep_threshold(grad_keep_prob);
+  c.stochastic_rounding = stochastic_rounding;
   return c;
 }
 
+// Note [State dtype]
+// The state lists of a call share one dtype: the parameters' (torch's
+// choice), or float32 for float16/bfloat16 parameters ("fp32 state", the
+// optimizers' state_dtype=torch.float32). The rules compute in op-math
+// (float32 for half parameters) either way; fp32 state only stops rounding
+// the moments to 8 or 11 bits after every step. Params and grads keep the
+// parameters' dtype, and stochastic rounding (Note [Stochastic rounding])
+// applies to bfloat16 parameters only.
+inline bool is_state_dtype(at::ScalarType param, at::ScalarType state) {
+  return state == param || (state == at::kFloat && (param == at::kHalf || param == at::kBFloat16));
+}
+
 // Validates an optimizer op's lists (params, grads, state lists, steps,
-// indices, AMP tensors) for `device_type` and returns one TensorRef per
-// parameter, with the pointers of the lists in use, in order.
-inline std::vector<TensorRef> gather(const char* op, at::TensorList params, at::TensorList grads,
-                                     std::initializer_list<NamedList> states, at::TensorList steps,
-                                     at::IntArrayRef indices, const std::optional<at::Tensor>& grad_scale,
-                                     const std::optional<at::Tensor>& found_inf,
-                                     c10::DeviceType device_type, int& lists, at::ScalarType& dtype) {
+// indices, AMP tensors) for `device_type` and fills `call`: one TensorRef
+// per parameter with the pointers of the lists in use, in order, the number
+// of lists and the dtypes.
+template <typename Hyper>
+inline void gather(const char* op, OptimizerCall<Hyper>& call, at::TensorList params, at::TensorList grads,
+                   std::initializer_list<NamedList> states, at::TensorList steps, at::IntArrayRef indices,
+                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                   c10::DeviceType device_type) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n, op, ": got ", n, " params but ", grads.size(), " grads");
   TORCH_CHECK(steps.size() == n, op, ": got ", n, " params but ", steps.size(), " steps");
   TORCH_CHECK(indices.size() == n, op, ": got ", n, " params but ", indices.size(), " indices");
+  int& lists = call.lists;
   lists = 2;
+  const NamedList* first_state = nullptr;
   for (const auto& s : states) {
     TORCH_CHECK(s.list.size() == (s.used ? n : 0), op, ": ", s.name, " must hold ",
                 (s.used ? n : 0), " tensors in this configuration, got ", s.list.size());
     lists += s.used;
+    if (s.used && first_state == nullptr) first_state = &s;
   }
-  std::vector<TensorRef> refs(n);
-  if (n == 0) return refs;
+  std::vector<TensorRef>& refs = call.tensors;
+  refs.assign(n, TensorRef{});
+  if (n == 0) return;
   const at::Device device = params[0].device();
   TORCH_CHECK(device.type() == device_type, op, ": expected ", device_type, " tensors, got ", device);
-  dtype = params[0].scalar_type();
+  const at::ScalarType dtype = call.dtype = params[0].scalar_type();
   TORCH_CHECK(is_param_dtype(dtype), op, ": parameters must be float32, float64, float16 or bfloat16, got ",
               dtype);
+  TORCH_CHECK(!call.common.stochastic_rounding || dtype == at::kBFloat16, op,
+              ": stochastic_rounding applies to bfloat16 parameters, got ", dtype);
+  at::ScalarType state_dtype = dtype;
+  if (first_state != nullptr && first_state->list[0].defined()) state_dtype = first_state->list[0].scalar_type();
+  TORCH_CHECK(is_state_dtype(dtype, state_dtype), op, ": ", first_state ? first_state->name : "state",
+              "[0] has dtype ", state_dtype, "; the state of ", dtype,
+              " parameters must be ", dtype,
+              (dtype == at::kHalf || dtype == at::kBFloat16) ? " or float32" : "", " (Note [State dtype])");
+  call.state_dtype = state_dtype;
   check_scalar_tensor(grad_scale, "grad_scale", device);
   check_scalar_tensor(found_inf, "found_inf", device);
   const bool step_on_host = device_type == c10::DeviceType::CPU;
   const at::Device step_device = step_on_host ? at::Device(at::kCPU) : device;
   const auto item = static_cast<uintptr_t>(c10::elementSize(dtype));
+  const auto state_item = static_cast<uintptr_t>(c10::elementSize(state_dtype));
   std::vector<ByteRange> ranges;  // Note [Aliasing]
   ranges.reserve(n * (lists + 1));
   auto add = [&](void* ptr, int64_t numel, uintptr_t size, const char* name) {
@@ -133,18 +162,22 @@ inline std::vector<TensorRef> gather(const char* op, at::TensorList params, at::
     int k = 0;
     // Checks t (the j-th of list `name`) and takes its pointer as ptr[k].
     auto take = [&](const at::Tensor& t, const char* name) {
+      const bool state = k >= 2;
+      const at::ScalarType want = state ? state_dtype : dtype;
       TORCH_CHECK(t.defined(), op, ": ", name, "[", j, "] is undefined");
       TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, "[", j, "] must be dense (strided), got ",
                   t.layout(), "; sparse gradients are not supported");
       TORCH_CHECK(t.device() == device, op, ": ", name, "[", j, "] is on ", t.device(),
                   " but params[0] is on ", device, "; all tensors must share one device");
-      TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, "[", j, "] has dtype ", t.scalar_type(),
-                  ", expected ", dtype, " (every tensor of a call shares the parameters' dtype)");
+      TORCH_CHECK(t.scalar_type() == want, op, ": ", name, "[", j, "] has dtype ", t.scalar_type(),
+                  ", expected ", want,
+                  state ? " (every state tensor of a call shares one dtype)"
+                        : " (params and grads share the parameters' dtype)");
       TORCH_CHECK(t.numel() == numel, op, ": ", name, "[", j, "] has ", t.numel(),
                   " elements, params[", j, "] has ", numel);
       TORCH_CHECK(t.is_contiguous(), op, ": ", name, "[", j, "] must be contiguous");
       r.ptr[k] = t.data_ptr();
-      add(r.ptr[k++], numel, item, name);
+      add(r.ptr[k++], numel, state ? state_item : item, name);
     };
     take(p, "params");
     take(grads[j], "grads");
@@ -165,7 +198,6 @@ inline std::vector<TensorRef> gather(const char* op, at::TensorList params, at::
     add(r.step_ptr, 1, st_type == at::kDouble ? 8 : 4, "steps");
   }
   check_no_overlap(std::move(ranges));
-  return refs;
 }
 
 }  // namespace fusedopt

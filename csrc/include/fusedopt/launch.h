@@ -26,7 +26,8 @@ template <typename Hyper>
 struct OptimizerCall {
   std::vector<TensorRef> tensors;
   int lists = 2;  // params, grads, then the state buffers in use
-  at::ScalarType dtype = at::kFloat;
+  at::ScalarType dtype = at::kFloat;        // params and grads
+  at::ScalarType state_dtype = at::kFloat;  // the state lists (Note [State dtype])
   math::Common common;
   Hyper hyper;
   float grad_scale = 1;  // CPU: read on the host

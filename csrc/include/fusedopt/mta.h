@@ -46,6 +46,7 @@
 #include "fusedopt/math/adam.h"
 #include "fusedopt/math/common.h"
 #include "fusedopt/math/rmsprop.h"
+#include "fusedopt/math/round.h"
 #include "fusedopt/math/sgd.h"
 #include "fusedopt/philox.h"
 
@@ -227,6 +228,18 @@ FUSEDOPT_HD inline uint32_t keep_bits(const math::Common& c, uint64_t offset, in
   return bits;
 }
 
+// The rounding words of elements i .. i + G - 1 (Note [Rounding stream]),
+// word e for element i + e; i % 4 == 0.
+template <int G>
+FUSEDOPT_HD inline void rounding_words(uint64_t seed, uint64_t offset, int64_t i, uint32_t (&out)[G]) {
+  FUSEDOPT_UNROLL
+  for (int b = 0; b < G / 4; ++b) {
+    const philox::Words w = philox::block(seed, offset, (static_cast<uint64_t>(i) >> 2) + b);
+    FUSEDOPT_UNROLL
+    for (int k = 0; k < 4; ++k) out[4 * b + k] = w.w[k];
+  }
+}
+
 // Note [Chunk body]
 // Thread `tid` of `threads` in block `block` of a launch: finds its slot and
 // chunk, reads the step, grad_scale, found_inf and a tensor lr, builds the
@@ -237,11 +250,12 @@ FUSEDOPT_HD inline uint32_t keep_bits(const math::Common& c, uint64_t offset, in
 // or scalar), the block size or the plan: every element goes through the same
 // scalar operations. The gradient is stored only when AMP unscaled it
 // (x[1] = g / grad_scale after the body).
-template <typename scalar_t, int N, bool MASK, typename A, typename MakeBody>
+template <typename scalar_t, typename state_t, bool SR, int N, bool MASK, typename A, typename MakeBody>
 FUSEDOPT_HD inline void optimizer_chunk(const A& a, int64_t block, int64_t tid, int64_t threads,
                                         const MakeBody& make_body) {
   using S = typename OpMath<scalar_t>::type;
   constexpr int G = kGroup<scalar_t>;
+  constexpr int M = N - 2;  // state lists, in state_t (Note [State dtype])
   if (a.found_inf != nullptr && *a.found_inf != 0) return;
   const auto& tab = a.tab;
   const int s = tab.slot(block);
@@ -254,19 +268,24 @@ FUSEDOPT_HD inline void optimizer_chunk(const A& a, int64_t block, int64_t tid, 
   if (a.lr != nullptr) common.lr = *a.lr;
   const math::Pre<S> pre = math::make_pre<S>(common, scaled ? *a.grad_scale : 1.0f, scaled);
   const auto body = make_body(t, pre, common);
-  const uint64_t offset = philox::grad_mask_offset(t, static_cast<int64_t>(info & kIndexMask));
+  const int64_t index = static_cast<int64_t>(info & kIndexMask);
+  const uint64_t offset = philox::grad_mask_offset(t, index);
   const bool vec = (info & kAligned) != 0;
-  scalar_t* ptr[N];
+  scalar_t* ptr[2];
+  state_t* sptr[M > 0 ? M : 1];
   FUSEDOPT_UNROLL
-  for (int k = 0; k < N; ++k) ptr[k] = static_cast<scalar_t*>(tab.ptr[s][k]);
+  for (int k = 0; k < 2; ++k) ptr[k] = static_cast<scalar_t*>(tab.ptr[s][k]);
+  FUSEDOPT_UNROLL
+  for (int k = 0; k < M; ++k) sptr[k] = static_cast<state_t*>(tab.ptr[s][2 + k]);
   for (int64_t i = begin + tid * G; i < end; i += threads * G) {
     const bool full = vec && i + G <= end;
     const int live = full ? G : static_cast<int>(end - i < G ? end - i : G);
     // The group stays in storage type until each element is computed: G·N
     // op-math values at once would not fit in registers for fp16/bf16/fp64.
-    Group<scalar_t, G> v[N];
+    Group<scalar_t, G> v[2];
+    Group<state_t, G> w[M > 0 ? M : 1];
     FUSEDOPT_UNROLL
-    for (int k = 0; k < N; ++k) {
+    for (int k = 0; k < 2; ++k) {
       if (full) {
         v[k] = load_group<scalar_t, G>(ptr[k] + i);
       } else {
@@ -274,18 +293,36 @@ FUSEDOPT_HD inline void optimizer_chunk(const A& a, int64_t block, int64_t tid, 
         for (int e = 0; e < G; ++e) v[k].v[e] = e < live ? ptr[k][i + e] : scalar_t(0);
       }
     }
+    FUSEDOPT_UNROLL
+    for (int k = 0; k < M; ++k) {
+      if (full) {
+        w[k] = load_group<state_t, G>(sptr[k] + i);
+      } else {
+        FUSEDOPT_UNROLL
+        for (int e = 0; e < G; ++e) w[k].v[e] = e < live ? sptr[k][i + e] : state_t(0);
+      }
+    }
     const uint32_t bits = MASK ? keep_bits<G>(a.common, offset, i) : 0;
+    uint32_t words[SR ? G : 1];
+    if constexpr (SR) rounding_words<G>(a.common.seed, philox::rounding_offset(t, index), i, words);
     FUSEDOPT_UNROLL
     for (int e = 0; e < G; ++e) {
       S x[N];
+      x[0] = static_cast<S>(v[0].v[e]);
+      x[1] = static_cast<S>(v[1].v[e]);
       FUSEDOPT_UNROLL
-      for (int k = 0; k < N; ++k) x[k] = static_cast<S>(v[k].v[e]);
+      for (int k = 0; k < M; ++k) x[2 + k] = static_cast<S>(w[k].v[e]);
       body(x, MASK ? S((bits >> e) & 1u) : S(1));
+      if constexpr (SR)
+        v[0].v[e] = scalar_t(math::bf16_bits_stochastic(x[0], words[e]), scalar_t::from_bits());
+      else
+        v[0].v[e] = static_cast<scalar_t>(x[0]);
+      v[1].v[e] = static_cast<scalar_t>(x[1]);
       FUSEDOPT_UNROLL
-      for (int k = 0; k < N; ++k) v[k].v[e] = static_cast<scalar_t>(x[k]);
+      for (int k = 0; k < M; ++k) w[k].v[e] = static_cast<state_t>(x[2 + k]);
     }
     FUSEDOPT_UNROLL
-    for (int k = 0; k < N; ++k) {
+    for (int k = 0; k < 2; ++k) {
       if (k == 1 && !scaled) continue;
       if (full) {
         store_group<scalar_t, G>(ptr[k] + i, v[k]);
@@ -295,32 +332,43 @@ FUSEDOPT_HD inline void optimizer_chunk(const A& a, int64_t block, int64_t tid, 
           if (e < live) ptr[k][i + e] = v[k].v[e];
       }
     }
+    FUSEDOPT_UNROLL
+    for (int k = 0; k < M; ++k) {
+      if (full) {
+        store_group<state_t, G>(sptr[k] + i, w[k]);
+      } else {
+        FUSEDOPT_UNROLL
+        for (int e = 0; e < G; ++e)
+          if (e < live) sptr[k][i + e] = w[k].v[e];
+      }
+    }
   }
 }
 
 // The per-chunk bodies, one per optimizer and compile-time variant: the
 // element step is math::<opt>_step, exactly what the CPU kernels call.
 
-template <typename scalar_t, bool MASK, math::Decay D, bool MOMENTUM, bool NESTEROV, bool EMA>
+template <typename scalar_t, typename state_t, bool SR, bool MASK, math::Decay D, bool MOMENTUM, bool NESTEROV,
+          bool EMA>
 struct SgdChunk {
   static constexpr int N = MOMENTUM ? 3 : 2;
   using Args = mta::Args<N, math::SgdHyper>;
   using S = typename OpMath<scalar_t>::type;
   FUSEDOPT_HD static void run(const Args& a, int64_t block, int64_t tid, int64_t threads) {
-    optimizer_chunk<scalar_t, N, MASK>(a, block, tid, threads, [&](int64_t t, const auto& pre, const auto& common) {
+    optimizer_chunk<scalar_t, state_t, SR, N, MASK>(a, block, tid, threads, [&](int64_t t, const auto& pre, const auto& common) {
       const auto c = math::sgd_consts<S>(common, a.hyper, t);
       return [=](S* x, S keep) { math::sgd_step<D, MASK, MOMENTUM, NESTEROV, EMA>(x, keep, pre, c); };
     });
   }
 };
 
-template <typename scalar_t, bool MASK, math::Decay D>
+template <typename scalar_t, typename state_t, bool SR, bool MASK, math::Decay D>
 struct AdagradChunk {
   static constexpr int N = 3;
   using Args = mta::Args<N, math::AdagradHyper>;
   using S = typename OpMath<scalar_t>::type;
   FUSEDOPT_HD static void run(const Args& a, int64_t block, int64_t tid, int64_t threads) {
-    optimizer_chunk<scalar_t, N, MASK>(a, block, tid, threads, [&](int64_t t, const auto& pre, const auto& common) {
+    optimizer_chunk<scalar_t, state_t, SR, N, MASK>(a, block, tid, threads, [&](int64_t t, const auto& pre, const auto& common) {
       const auto c = math::adagrad_consts<S>(common, a.hyper, t);
       return [=](S* x, S keep) { math::adagrad_step<D, MASK>(x, keep, pre, c); };
     });
@@ -328,26 +376,26 @@ struct AdagradChunk {
 };
 
 // Lists: θ, g, v, then a (centered), then b (momentum).
-template <typename scalar_t, bool MASK, math::Decay D, bool CENTERED, bool MOMENTUM>
+template <typename scalar_t, typename state_t, bool SR, bool MASK, math::Decay D, bool CENTERED, bool MOMENTUM>
 struct RmspropChunk {
   static constexpr int N = 3 + CENTERED + MOMENTUM;
   using Args = mta::Args<N, math::RmspropHyper>;
   using S = typename OpMath<scalar_t>::type;
   FUSEDOPT_HD static void run(const Args& a, int64_t block, int64_t tid, int64_t threads) {
-    optimizer_chunk<scalar_t, N, MASK>(a, block, tid, threads, [&](int64_t t, const auto& pre, const auto& common) {
+    optimizer_chunk<scalar_t, state_t, SR, N, MASK>(a, block, tid, threads, [&](int64_t t, const auto& pre, const auto& common) {
       const auto c = math::rmsprop_consts<S>(common, a.hyper, t);
       return [=](S* x, S keep) { math::rmsprop_step<D, MASK, CENTERED, MOMENTUM>(x, keep, pre, c); };
     });
   }
 };
 
-template <typename scalar_t, bool MASK, math::Decay D, bool AMSGRAD>
+template <typename scalar_t, typename state_t, bool SR, bool MASK, math::Decay D, bool AMSGRAD>
 struct AdamChunk {
   static constexpr int N = AMSGRAD ? 5 : 4;
   using Args = mta::Args<N, math::AdamHyper>;
   using S = typename OpMath<scalar_t>::type;
   FUSEDOPT_HD static void run(const Args& a, int64_t block, int64_t tid, int64_t threads) {
-    optimizer_chunk<scalar_t, N, MASK>(a, block, tid, threads, [&](int64_t t, const auto& pre, const auto& common) {
+    optimizer_chunk<scalar_t, state_t, SR, N, MASK>(a, block, tid, threads, [&](int64_t t, const auto& pre, const auto& common) {
       const auto c = math::adam_consts<S>(common, a.hyper, t);
       return [=](S* x, S keep) { math::adam_step<D, MASK, AMSGRAD>(x, keep, pre, c); };
     });
@@ -359,7 +407,7 @@ struct AdamChunk {
 template <typename F>
 void with_body(const OptimizerCall<math::SgdHyper>& call, const F& f) {
   const bool momentum = call.hyper.momentum != 0;
-  FUSEDOPT_DISPATCH_FLOATING(call.dtype, "sgd_", [&] {
+  FUSEDOPT_DISPATCH_STORAGE(call, "sgd_", [&] {
     FUSEDOPT_BOOL_SWITCH(call.common.masked(), MASK, [&] {
       FUSEDOPT_DECAY_SWITCH(call.common.decay(), DECAY, [&] {
         FUSEDOPT_BOOL_SWITCH(momentum, MOMENTUM, [&] {
@@ -367,7 +415,7 @@ void with_body(const OptimizerCall<math::SgdHyper>& call, const F& f) {
             FUSEDOPT_BOOL_SWITCH(MOMENTUM && call.hyper.ema, EMA, [&] {
               // Without momentum NESTEROV and EMA are false; they exclude each other.
               if constexpr ((MOMENTUM || !(NESTEROV || EMA)) && !(NESTEROV && EMA))
-                f(SgdChunk<scalar_t, MASK, DECAY, MOMENTUM, NESTEROV, EMA>{});
+                f(SgdChunk<scalar_t, state_t, SR, MASK, DECAY, MOMENTUM, NESTEROV, EMA>{});
             });
           });
         });
@@ -378,21 +426,21 @@ void with_body(const OptimizerCall<math::SgdHyper>& call, const F& f) {
 
 template <typename F>
 void with_body(const OptimizerCall<math::AdagradHyper>& call, const F& f) {
-  FUSEDOPT_DISPATCH_FLOATING(call.dtype, "adagrad_", [&] {
+  FUSEDOPT_DISPATCH_STORAGE(call, "adagrad_", [&] {
     FUSEDOPT_BOOL_SWITCH(call.common.masked(), MASK, [&] {
-      FUSEDOPT_DECAY_SWITCH(call.common.decay(), DECAY, [&] { f(AdagradChunk<scalar_t, MASK, DECAY>{}); });
+      FUSEDOPT_DECAY_SWITCH(call.common.decay(), DECAY, [&] { f(AdagradChunk<scalar_t, state_t, SR, MASK, DECAY>{}); });
     });
   });
 }
 
 template <typename F>
 void with_body(const OptimizerCall<math::RmspropHyper>& call, const F& f) {
-  FUSEDOPT_DISPATCH_FLOATING(call.dtype, "rmsprop_", [&] {
+  FUSEDOPT_DISPATCH_STORAGE(call, "rmsprop_", [&] {
     FUSEDOPT_BOOL_SWITCH(call.common.masked(), MASK, [&] {
       FUSEDOPT_DECAY_SWITCH(call.common.decay(), DECAY, [&] {
         FUSEDOPT_BOOL_SWITCH(call.hyper.centered, CENTERED, [&] {
           FUSEDOPT_BOOL_SWITCH(call.hyper.momentum > 0, MOMENTUM, [&] {
-            f(RmspropChunk<scalar_t, MASK, DECAY, CENTERED, MOMENTUM>{});
+            f(RmspropChunk<scalar_t, state_t, SR, MASK, DECAY, CENTERED, MOMENTUM>{});
           });
         });
       });
@@ -402,10 +450,10 @@ void with_body(const OptimizerCall<math::RmspropHyper>& call, const F& f) {
 
 template <typename F>
 void with_body(const OptimizerCall<math::AdamHyper>& call, const F& f) {
-  FUSEDOPT_DISPATCH_FLOATING(call.dtype, "adam_", [&] {
+  FUSEDOPT_DISPATCH_STORAGE(call, "adam_", [&] {
     FUSEDOPT_BOOL_SWITCH(call.common.masked(), MASK, [&] {
       FUSEDOPT_DECAY_SWITCH(call.common.decay(), DECAY, [&] {
-        FUSEDOPT_BOOL_SWITCH(call.hyper.amsgrad, AMSGRAD, [&] { f(AdamChunk<scalar_t, MASK, DECAY, AMSGRAD>{}); });
+        FUSEDOPT_BOOL_SWITCH(call.hyper.amsgrad, AMSGRAD, [&] { f(AdamChunk<scalar_t, state_t, SR, MASK, DECAY, AMSGRAD>{}); });
       });
     });
   });

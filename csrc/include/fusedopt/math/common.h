@@ -30,6 +30,7 @@ struct Common {
   double keep_prob = 1;     // grad_keep_prob r
   uint64_t seed = 0;        // grad_mask_seed
   uint64_t threshold = 0;   // philox::keep_threshold(r)
+  bool stochastic_rounding = false;  // bf16 params (Note [Stochastic rounding])
 
   Decay decay() const {
     if (weight_decay == 0 && l1_decay == 0) return Decay::none;
