@@ -164,12 +164,7 @@ at::Tensor emu_keep_bits(const at::Tensor& x, double p, const at::Tensor& draw, 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedopt, CPU, m) {
-  m.impl("dropout", &dropout);
-  m.impl("dropout_", &dropout_inplace);
-  m.impl("dropout_backward", &dropout_backward);
-  m.impl("bias_dropout_add", &bias_dropout_add);
-  m.impl("bias_dropout_add_backward", &bias_dropout_add_backward);
-  m.impl("dropout_keep_bits", &dropout_keep_bits);
+  FUSEDOPT_IMPL_DROPOUT(m);
   m.impl("dropout_seed", &dropout_seed);
   m.impl("_philox", &philox);
   m.impl("_gridemu_dropout", &emu_dropout);

@@ -161,24 +161,13 @@ class Keeper {
     for (auto& o : out) o = 0;
     if (d_.threshold == 0) return;
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-    // Vector v covers counters 16·q0 + v·kLanes onwards (a multiple of kLanes,
-    // so the low counter word never carries inside it): 4·kLanes elements of
-    // group q0 + v·kLanes/16, from bit 4·kLanes·v mod 64. T ≥ 1 here.
-    VI c[kVectors][4];
+    // Vector v covers counters 16·q0 + v·kLanes onwards: 4·kLanes elements of group q0 + v·kLanes/16, from
+    // bit 4·kLanes·v mod 64. T ≥ 1 here.
+    VI w[kVectors][4];
+    words(q0, w);
     for (int v = 0; v < kVectors; ++v) {
-      const uint64_t g0 = 16 * q0 + static_cast<uint64_t>(v) * kLanes;
-      c[v][0] = counters(static_cast<uint32_t>(g0));
-      c[v][1] = set1(static_cast<uint32_t>(g0 >> 32));
-      c[v][2] = set1(static_cast<uint32_t>(d_.offset));
-      c[v][3] = set1(static_cast<uint32_t>(d_.offset >> 32));
-    }
-    philox_rounds<kVectors>(c, keys_);
-    for (int v = 0; v < kVectors; ++v) {
-      const VI t0 = unpacklo32(c[v][0], c[v][1]), t1 = unpacklo32(c[v][2], c[v][3]);
-      const VI t2 = unpackhi32(c[v][0], c[v][1]), t3 = unpackhi32(c[v][2], c[v][3]);
-      const uint64_t b = below(unpacklo64(t0, t1), last_) | below(unpackhi64(t0, t1), last_) << kLanes |
-                         below(unpacklo64(t2, t3), last_) << (2 * kLanes) |
-                         below(unpackhi64(t2, t3), last_) << (3 * kLanes);
+      const uint64_t b = below(w[v][0], last_) | below(w[v][1], last_) << kLanes |
+                         below(w[v][2], last_) << (2 * kLanes) | below(w[v][3], last_) << (3 * kLanes);
       out[v * kLanes / 16] |= b << (4 * kLanes * v % 64);
     }
 #else
@@ -193,6 +182,25 @@ class Keeper {
   // words the keep bits above compare with the threshold).
   void words(uint64_t q0, uint32_t (&out)[64 * kBatch]) const {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+    VI w[kVectors][4];
+    words(q0, w);
+    for (int v = 0; v < kVectors; ++v)
+      for (int q = 0; q < 4; ++q) storeu(out + 4 * kLanes * v + q * kLanes, w[v][q]);
+#else
+    for (int k = 0; k < 16; ++k) {
+      const philox::Words w = philox::block(d_.seed, d_.offset, 16 * q0 + k);
+      std::memcpy(out + 4 * k, w.w, sizeof(w.w));
+    }
+#endif
+  }
+
+ private:
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  // The words of counters 16·q0 .. 16·q0 + kVectors·kLanes − 1 (a multiple of
+  // kLanes, so the low counter word never carries inside a vector), as
+  // vectors of consecutive elements (Note [Vector Philox]): w[v][q] holds
+  // elements 64·q0 + 4·kLanes·v + q·kLanes onwards.
+  void words(uint64_t q0, VI (&w)[kVectors][4]) const {
     VI c[kVectors][4];
     for (int v = 0; v < kVectors; ++v) {
       const uint64_t g0 = 16 * q0 + static_cast<uint64_t>(v) * kLanes;
@@ -205,21 +213,14 @@ class Keeper {
     for (int v = 0; v < kVectors; ++v) {
       const VI t0 = unpacklo32(c[v][0], c[v][1]), t1 = unpacklo32(c[v][2], c[v][3]);
       const VI t2 = unpackhi32(c[v][0], c[v][1]), t3 = unpackhi32(c[v][2], c[v][3]);
-      uint32_t* o = out + 4 * kLanes * v;
-      storeu(o, unpacklo64(t0, t1));
-      storeu(o + kLanes, unpackhi64(t0, t1));
-      storeu(o + 2 * kLanes, unpacklo64(t2, t3));
-      storeu(o + 3 * kLanes, unpackhi64(t2, t3));
+      w[v][0] = unpacklo64(t0, t1);
+      w[v][1] = unpackhi64(t0, t1);
+      w[v][2] = unpacklo64(t2, t3);
+      w[v][3] = unpackhi64(t2, t3);
     }
-#else
-    for (int k = 0; k < 16; ++k) {
-      const philox::Words w = philox::block(d_.seed, d_.offset, 16 * q0 + k);
-      std::memcpy(out + 4 * k, w.w, sizeof(w.w));
-    }
-#endif
   }
+#endif
 
- private:
   Draw d_;
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   RoundKeys keys_;

@@ -103,12 +103,7 @@ at::Tensor dropout_keep_bits(const at::Tensor& x, double p, const at::Tensor& dr
 // dropout_seed has only a CPU kernel: its counter and its draw live on the
 // CPU whatever the device of the dropout it feeds (Note [Dropout draw]).
 TORCH_LIBRARY_IMPL(fusedopt, CUDA, m) {
-  m.impl("dropout", &dropout);
-  m.impl("dropout_", &dropout_inplace);
-  m.impl("dropout_backward", &dropout_backward);
-  m.impl("bias_dropout_add", &bias_dropout_add);
-  m.impl("bias_dropout_add_backward", &bias_dropout_add_backward);
-  m.impl("dropout_keep_bits", &dropout_keep_bits);
+  FUSEDOPT_IMPL_DROPOUT(m);
 }
 
 }  // namespace fusedopt::cuda

@@ -237,3 +237,14 @@ inline dropout::BitsArgs bits_args(const DropoutCall& c, uint8_t* out) {
 }
 
 }  // namespace fusedopt
+
+// Registers a device's dropout ops: functions named after them (dropout_ as
+// dropout_inplace) in the current namespace, for CPU (csrc/cpu/dropout_ops.cpp)
+// and CUDA (csrc/cuda/dropout.cu).
+#define FUSEDOPT_IMPL_DROPOUT(m)                                 \
+  m.impl("dropout", &dropout);                                   \
+  m.impl("dropout_", &dropout_inplace);                          \
+  m.impl("dropout_backward", &dropout_backward);                 \
+  m.impl("bias_dropout_add", &bias_dropout_add);                 \
+  m.impl("bias_dropout_add_backward", &bias_dropout_add_backward); \
+  m.impl("dropout_keep_bits", &dropout_keep_bits)
