@@ -113,7 +113,7 @@ def write_build_info(cuda: bool):
 def extension():
     cuda = want_cuda()
     write_build_info(cuda)
-    sources = ["csrc/registration.cpp", "csrc/autograd.cpp", "csrc/cpu/ops.cpp", "csrc/cpu/gridemu.cpp",
+    sources = ["csrc/module.cpp", "csrc/registration.cpp", "csrc/autograd.cpp", "csrc/cpu/ops.cpp", "csrc/cpu/gridemu.cpp",
                "csrc/cpu/dropout_ops.cpp"]
     include_dirs = [str(CSRC / "include"), str(CSRC / "cpu")]
     cxx = CXX_FLAGS + ["-DFUSEDOPT_CPU_ONLY"] * (not cuda)

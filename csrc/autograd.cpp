@@ -27,7 +27,9 @@ void optimizer_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
     const c10::AliasInfo* alias = args[i].alias_info();
     const c10::IValue& value = (*stack)[base + i];
     if (alias == nullptr || !alias->isWrite() || !value.isTensorList()) continue;
-    for (const at::Tensor& t : value.toTensorList()) {
+    // Through the IValues: iterating value.toTensorList() would copy (and later release) every tensor.
+    for (const c10::IValue& element : value.toListRef()) {
+      const at::Tensor& t = element.toTensor();
       if (!t.defined()) continue;  // the device kernel names it
       TORCH_CHECK(!(grad_mode && t.requires_grad()), op.schema().name(), ": ", args[i].name(),
                   " holds a tensor that requires grad while grad mode is on; the optimizer step has no "

@@ -1,7 +1,6 @@
 // The op catalogue: every fusedopt schema, in one place. Device kernels are
 // registered beside their code (cpu/ops.cpp, cuda/*.cu); fakes for
 // torch.compile in fusedopt/ops.py.
-#include <Python.h>
 #include <torch/library.h>
 
 // Options every optimizer op takes after its own (DESIGN.md §4).
@@ -95,10 +94,3 @@ TORCH_LIBRARY_FRAGMENT(fusedopt, m) {
   m.def("_gridemu_dropout_keep_bits(Tensor x, float p, Tensor draw, int max_grid) -> Tensor");
 }
 // ---------------------------------------------------------------------------
-
-// A Python module, so `import fusedopt._C` loads the library (and with it the
-// registrations above); it defines no Python functions of its own.
-extern "C" PyObject* PyInit__C() {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
-}

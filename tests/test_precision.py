@@ -139,7 +139,7 @@ def test_stochastic_rounding_is_unbiased(start, d):
 
 
 def test_rounding_draws_differ_per_step_parameter_and_seed():
-    """The words come from offset 2^63 + t·2^24 + j keyed by grad_mask_seed: other step, parameter or seed,
+    """The bits come from offset 2^63 + t·2^24 + j keyed by grad_mask_seed: other step, parameter or seed,
     other rounding; the same, the same bits."""
     def run(seed, step, index):
         p = torch.ones(4099, dtype=torch.bfloat16)
@@ -156,7 +156,7 @@ def test_rounding_draws_differ_per_step_parameter_and_seed():
 
 def test_rounding_and_mask_streams_are_separate():
     """A masked, stochastically rounded step: the mask is the mask of Note [Gradient mask stream] and the
-    rounding words those of Note [Rounding stream], both keyed by one seed."""
+    rounding bits those of Note [Rounding stream], both keyed by one seed."""
     n, keep, seed, t, j = 70001, 0.5, SEED, 2, 6
     p = torch.ones(n, dtype=torch.bfloat16)
     g = torch.full((n,), -2**-10, dtype=torch.bfloat16)

@@ -60,7 +60,7 @@ void run(const OptimizerCall<Hyper>& call, at::TensorList steps, const std::opti
   mta::with_body(call, [&](auto body) {
     using Body = decltype(body);
     const mta::Limits lim = limits<Body::N>();
-    mta::for_each_launch<Body>(call, steps, scale, inf, lim, [&](const typename Body::Args& args) {
+    mta::for_each_launch<Body>(call, scale, inf, lim, [&](const typename Body::Args& args) {
       grid(args.tab.blocks, lim.threads, [&](int64_t b, int tid) { Body::run(args, b, tid, lim.threads); });
     });
   });

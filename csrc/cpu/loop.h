@@ -77,14 +77,14 @@ struct KeepDraw {
 // never stored. Their keep bits are 0, and lane k's bit is element i + k's,
 // as in whole vectors.
 
-// The words of stochastic rounding for a tensor at one step (Note [Rounding
-// stream]).
+// The random bits of stochastic rounding for a tensor at one step, 16 per
+// element (Note [Rounding stream]).
 struct RoundDraw {
   uint64_t seed = 0, offset = 0;
 
-  void fill(uint32_t* out, int64_t i0, int64_t n) const { cache.fill(Draw{seed, offset, 0}, out, i0, n); }
+  void fill(uint16_t* out, int64_t i0, int64_t n) const { cache.fill(Draw{seed, offset, 0}, out, i0, n); }
 
-  mutable WordCache cache;
+  mutable HalfCache cache;
 };
 
 // f.template operator()<K>() for K = 0 .. N - 1, unrolled: list K's storage
@@ -132,9 +132,9 @@ inline void elementwise(void* const* ptr, int64_t begin, int64_t end, unsigned s
       if (!(stores >> K & 1u)) return;
       T* p = static_cast<T*>(ptr[K]) + i;
       if constexpr (K == 0 && SR) {
-        uint32_t words[W];
-        round.fill(words, i, FULL ? W : n);
-        store_stochastic(p, x[K], words, FULL ? W : n);
+        uint16_t u[W];
+        round.fill(u, i, FULL ? W : n);
+        store_stochastic(p, x[K], u, FULL ? W : n);
       } else if constexpr (FULL) {
         VecIo<T>::store(p, x[K]);
       } else {

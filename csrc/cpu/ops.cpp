@@ -18,9 +18,11 @@ double read_scalar(const at::Tensor& t) {
 
 // AMP and steps (DESIGN.md §4 step 1): a set found_inf changes nothing; else
 // each tensor's step advances and the kernel sees the new 1-based value.
-// Returns false when the step is skipped.
+// Returns false when the step is skipped. The steps are read and advanced
+// through the pointers gather() took: on 3000 small parameters every pass
+// over the tensors' storages is mostly cache misses.
 template <typename Hyper>
-bool begin_step(OptimizerCall<Hyper>& call, at::TensorList steps, const std::optional<at::Tensor>& grad_scale,
+bool begin_step(OptimizerCall<Hyper>& call, const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& found_inf) {
   if (call.tensors.empty()) return false;  // nothing to do; gather() left grad_scale/found_inf unchecked
   if (found_inf.has_value() && read_scalar(*found_inf) != 0) return false;
@@ -29,18 +31,20 @@ bool begin_step(OptimizerCall<Hyper>& call, at::TensorList steps, const std::opt
     call.grad_scale = static_cast<float>(read_scalar(*grad_scale));
   }
   for (size_t j = 0; j < call.tensors.size(); ++j) {
-    const double s = read_scalar(steps[j]);
+    TensorRef& t = call.tensors[j];
+    const double s = t.step_double ? *static_cast<const double*>(t.step_ptr) : *static_cast<const float*>(t.step_ptr);
     TORCH_CHECK(s >= 0 && s < 1e15 && s == std::floor(s), "fusedopt: steps[", j,
                 "] must hold a non-negative whole number, got ", s);
-    call.tensors[j].step = static_cast<int64_t>(s) + 1;
+    t.step = static_cast<int64_t>(s) + 1;
   }
   return true;
 }
 
-void end_step(at::TensorList steps) {
-  for (const auto& st : steps) {
-    if (st.scalar_type() == at::kDouble) *static_cast<double*>(st.data_ptr()) += 1;
-    else *static_cast<float*>(st.data_ptr()) += 1;
+template <typename Hyper>
+void end_step(const OptimizerCall<Hyper>& call) {
+  for (const TensorRef& t : call.tensors) {
+    if (t.step_double) *static_cast<double*>(t.step_ptr) += 1;
+    else *static_cast<float*>(t.step_ptr) += 1;
   }
 }
 
@@ -56,9 +60,9 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
   auto call = sgd_call(params, grads, momentum_buffers, steps, indices, lr_host, momentum, dampening, nesterov,
                        ema_momentum, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed, stochastic_rounding,
                        grad_scale, found_inf, kCPU);
-  if (!begin_step(call, steps, grad_scale, found_inf)) return;
+  if (!begin_step(call, grad_scale, found_inf)) return;
   FUSEDOPT_ISA_CALL(sgd, call);
-  end_step(steps);
+  end_step(call);
 }
 
 template <typename Lr>
@@ -70,9 +74,9 @@ void adagrad_(at::TensorList params, at::TensorList grads, at::TensorList state_
   auto call = adagrad_call(params, grads, state_sums, steps, indices, lr_host, lr_decay, eps, weight_decay,
                            l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed, stochastic_rounding, grad_scale, found_inf,
                            kCPU);
-  if (!begin_step(call, steps, grad_scale, found_inf)) return;
+  if (!begin_step(call, grad_scale, found_inf)) return;
   FUSEDOPT_ISA_CALL(adagrad, call);
-  end_step(steps);
+  end_step(call);
 }
 
 template <typename Lr>
@@ -86,9 +90,9 @@ void rmsprop_(at::TensorList params, at::TensorList grads, at::TensorList square
   auto call = rmsprop_call(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, indices, lr_host, alpha,
                            eps, momentum, centered, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob,
                            grad_mask_seed, stochastic_rounding, grad_scale, found_inf, kCPU);
-  if (!begin_step(call, steps, grad_scale, found_inf)) return;
+  if (!begin_step(call, grad_scale, found_inf)) return;
   FUSEDOPT_ISA_CALL(rmsprop, call);
-  end_step(steps);
+  end_step(call);
 }
 
 template <typename Lr>
@@ -101,9 +105,9 @@ void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
   auto call = adam_call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, indices, lr_host, beta1,
                         beta2, eps, amsgrad, eps_inside_sqrt, weight_decay, l1_decay, decoupled, maximize,
                         grad_keep_prob, grad_mask_seed, stochastic_rounding, grad_scale, found_inf, kCPU);
-  if (!begin_step(call, steps, grad_scale, found_inf)) return;
+  if (!begin_step(call, grad_scale, found_inf)) return;
   FUSEDOPT_ISA_CALL(adam, call);
-  end_step(steps);
+  end_step(call);
 }
 
 void stream_(const at::Tensor& a, const at::Tensor& b, double s) {

@@ -334,20 +334,22 @@ class KeepCache {
   std::optional<Keeper> keeper_;  // made on first use, for the draw of that call
 };
 
-// The Philox words of a draw's elements (stochastic rounding: Note [Rounding
-// stream] in fusedopt/philox.h), for a loop that walks the draw in order;
-// the last batch is cached.
-class WordCache {
+// The 16-bit halves of a draw's Philox words, low half first (stochastic
+// rounding: Note [Rounding stream] in fusedopt/philox.h), for a loop that
+// walks the draw in order; the last batch is cached.
+class HalfCache {
  public:
-  // out[k] = the word of element i0 + k, for k < n.
-  void fill(const Draw& d, uint32_t* out, int64_t i0, int64_t n) {
-    constexpr int64_t B = 64 * kBatch;
+  // out[k] = half i0 + k of the draw, for k < n.
+  void fill(const Draw& d, uint16_t* out, int64_t i0, int64_t n) {
+    static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "a word's low half is its first two bytes");
+    constexpr int64_t B = 128 * kBatch;  // halves per batch
     for (int64_t k = 0; k < n;) {
       const auto i = static_cast<uint64_t>(i0 + k);
       const uint64_t b = i / B;
       if (!valid_ || b_ != b) refill(d, b);
       const int64_t take = std::min<int64_t>(n - k, static_cast<int64_t>(B - (i - b * B)));
-      std::memcpy(out + k, words_ + (i - b * B), static_cast<size_t>(take) * sizeof(uint32_t));
+      std::memcpy(out + k, reinterpret_cast<const uint16_t*>(words_) + (i - b * B),
+                  static_cast<size_t>(take) * sizeof(uint16_t));
       k += take;
     }
   }
@@ -361,7 +363,7 @@ class WordCache {
   }
 
   uint32_t words_[64 * kBatch];
-  uint64_t b_ = 0;  // batch index: elements [b·64·kBatch, (b + 1)·64·kBatch)
+  uint64_t b_ = 0;  // batch index: halves [b·128·kBatch, (b + 1)·128·kBatch)
   bool valid_ = false;
   std::optional<Keeper> keeper_;
 };

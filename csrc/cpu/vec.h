@@ -64,20 +64,51 @@ struct VecIo {
   using S = typename OpMath<scalar_t>::type;
   using V = at::vec::Vectorized<S>;
   static constexpr int W = V::size();
+  // Note [Half conversions]
+  // fp16/bf16 move as one 16-byte (AVX2) or 32-byte (AVX512) access per
+  // vector, converted by ATen's own per-ISA routines (so the bits are those of
+  // at::vec's conversions, round to nearest even). Going through
+  // Vectorized<BFloat16> instead converted two float vectors to store one and
+  // stored half a vector with a masked store: bf16 Adam ran at half torch's
+  // speed on Zen 4 (7.0 vs 3.5 ms, 4M elements, one thread).
   static V load(const scalar_t* p) {
     if constexpr (std::is_same_v<scalar_t, S>) {
       return V::loadu(p);
     } else {
+#if defined(CPU_CAPABILITY_AVX512)
+      __m512 o;
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) at::vec::cvtbf16_fp32(raw, o);
+      else at::vec::cvtfp16_fp32(raw, o);
+      return V(o);
+#elif defined(CPU_CAPABILITY_AVX2)
+      __m256 o;
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) at::vec::cvtbf16_fp32(raw, o);
+      else at::vec::cvtfp16_fp32(raw, o);
+      return V(o);
+#else
       V v;
       at::vec::load_to_float(p, v);
       return v;
+#endif
     }
   }
   static void store(scalar_t* p, const V& v) {
     if constexpr (std::is_same_v<scalar_t, S>) {
       v.store(p);
     } else {
+#if defined(CPU_CAPABILITY_AVX512)
+      const __m256i raw = std::is_same_v<scalar_t, at::BFloat16> ? at::vec::cvtfp32_bf16(__m512(v))
+                                                                 : at::vec::cvtfp32_fp16(__m512(v));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), raw);
+#elif defined(CPU_CAPABILITY_AVX2)
+      const __m128i raw = std::is_same_v<scalar_t, at::BFloat16> ? at::vec::cvtfp32_bf16(__m256(v))
+                                                                 : at::vec::cvtfp32_fp16(__m256(v));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), raw);
+#else
       at::vec::convert_from_float<scalar_t>(v, v).store(p, W);
+#endif
     }
   }
   static V load(const scalar_t* p, int n) {
@@ -101,13 +132,37 @@ struct VecIo {
 };
 
 // Stores the first n <= W lanes of an fp32 vector as bfloat16, lane k rounded
-// stochastically with words[k] (Note [Stochastic rounding]).
-inline void store_stochastic(at::BFloat16* p, const at::vec::Vectorized<float>& v, const uint32_t* words, int n) {
+// stochastically with u[k] (Note [Stochastic rounding]): the vector form of
+// math::bf16_bits_stochastic for whole vectors, the scalar one for the
+// partial last vector.
+inline void store_stochastic(at::BFloat16* p, const at::vec::Vectorized<float>& v, const uint16_t* u, int n) {
   constexpr int W = at::vec::Vectorized<float>::size();
+#if defined(CPU_CAPABILITY_AVX512)
+  if (n == W) {
+    const __m512i b = _mm512_castps_si512(__m512(v));
+    const __m512i r = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)));
+    const __m512i t = _mm512_srli_epi32(_mm512_add_epi32(b, r), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(__m512(v), __m512(v), _CMP_UNORD_Q);
+    const __m512i bits = _mm512_mask_blend_epi32(nan, t, _mm512_set1_epi32(0x7fc0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bits));
+    return;
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if (n == W) {
+    const __m256i b = _mm256_castps_si256(__m256(v));
+    const __m256i r = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u)));
+    const __m256i t = _mm256_srli_epi32(_mm256_add_epi32(b, r), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(__m256(v), __m256(v), _CMP_UNORD_Q));
+    const __m256i bits = _mm256_blendv_epi8(t, _mm256_set1_epi32(0x7fc0), nan);
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+    return;
+  }
+#endif
   float x[W];
   v.store(x);
   uint16_t bits[W];
-  for (int k = 0; k < W; ++k) bits[k] = math::bf16_bits_stochastic(x[k], words[k]);
+  for (int k = 0; k < n; ++k) bits[k] = math::bf16_bits_stochastic(x[k], u[k]);
   std::memcpy(p, bits, static_cast<size_t>(n) * sizeof(uint16_t));
 }
 

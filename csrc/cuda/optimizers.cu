@@ -29,7 +29,7 @@ void run(const OptimizerCall<Hyper>& call, const at::Tensor& first, at::TensorLi
          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   if (call.tensors.empty()) return;
   const c10::cuda::CUDAGuard guard(first.device());
-  const Launch l{c10::cuda::getCurrentCUDAStream(first.device().index()), steps, scalar_ptr(grad_scale),
+  const Launch l{c10::cuda::getCurrentCUDAStream(first.device().index()), scalar_ptr(grad_scale),
                  scalar_ptr(found_inf)};
   update(call, l);
   static_assert(sizeof(mta::StepArgs) <= kMaxArgBytes, "step table exceeds the kernel argument space");

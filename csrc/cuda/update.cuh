@@ -16,10 +16,9 @@ namespace fusedopt::cuda {
 
 constexpr size_t kMaxArgBytes = 32764;  // CUDA 12.1+, sm_70+
 
-// What every update launch of a call shares: the stream, the steps, AMP.
+// What every update launch of a call shares: the stream, AMP.
 struct Launch {
   cudaStream_t stream;
-  at::TensorList steps;
   const float* grad_scale;  // null: no AMP unscaling
   const float* found_inf;   // null: never skipped
 };
@@ -44,7 +43,7 @@ void launch_updates(const OptimizerCall<Hyper>& call, const Launch& l) {
   mta::with_body(call, [&](auto body) {
     using Body = decltype(body);
     static_assert(sizeof(typename Body::Args) <= kMaxArgBytes, "launch table exceeds the kernel argument space");
-    mta::for_each_launch<Body>(call, l.steps, l.grad_scale, l.found_inf, mta::cuda_limits<Body::N>(),
+    mta::for_each_launch<Body>(call, l.grad_scale, l.found_inf, mta::cuda_limits<Body::N>(),
                                [&](const typename Body::Args& args) {
                                  update_kernel<Body><<<args.tab.blocks, mta::kThreads, 0, l.stream>>>(args);
                                  C10_CUDA_KERNEL_LAUNCH_CHECK();

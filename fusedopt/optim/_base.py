@@ -26,6 +26,9 @@ from collections.abc import Mapping
 import torch
 from torch.optim.optimizer import Optimizer, _get_scalar_dtype
 
+import fusedopt._ext  # noqa: F401  (loads fusedopt._C, or says plainly why it cannot)
+from fusedopt import _C
+
 
 class FusedOptimizer(Optimizer):
     """Base of fusedopt.SGD, Adagrad, RMSprop, Adam and AdamW.
@@ -139,10 +142,13 @@ class FusedOptimizer(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         amp = {}  # device -> (grad_scale, found_inf) there, float32
         plans = self.__dict__.setdefault("_plans", {})
+        compiling = torch.compiler.is_compiling()
         first = 0  # state_dict number of the group's first parameter
         for gi, group in enumerate(self.param_groups):
             params = group["params"]
-            grads = [p.grad for p in params]
+            # Note [Gradients from C++] and Note [Held operands] in csrc/module.cpp; torch.compile traces the
+            # Python forms (its graph holds the op alone).
+            grads = [p.grad for p in params] if compiling else _C._grads(params)
             spec = self._buffers(group)
             key = (tuple(map(operator.is_not, grads, itertools.repeat(None))), tuple(spec), first,
                    group["state_dtype"])
@@ -159,15 +165,19 @@ class FusedOptimizer(Optimizer):
                             for i in members]
                     op_lists = _columns(rows) + [[i + first for i in members]]
                 else:  # real members (so real gradients: torch checks a .grad's dtype); copy only if strided
-                    members_grads = [grads[i] for i in members]
-                    if not all(map(torch.Tensor.is_contiguous, members_grads)):
+                    members_grads = grads if len(members) == len(grads) else [grads[i] for i in members]
+                    contiguous = (all(map(torch.Tensor.is_contiguous, members_grads)) if compiling
+                                  else _C._contiguous(members_grads))
+                    if not contiguous:
                         members_grads = [_operand(g, copies) for g in members_grads]
                     op_lists = [lists[0], members_grads, *lists[1:]]
                 if device not in amp:
                     amp[device] = [None if t is None else t.to(device=device, dtype=torch.float32)
                                    for t in (grad_scale, found_inf)]
+                held = None if compiling else _C._hold(op_lists)
                 self._op(*op_lists, **options, stochastic_rounding=rounding and dtype is torch.bfloat16,
                          grad_scale=amp[device][0], found_inf=amp[device][1])
+                del held
                 for t, c in copies:
                     t.copy_(c)
             first += len(params)

@@ -194,6 +194,7 @@ inline void gather(const char* op, OptimizerCall<Hyper>& call, at::TensorList pa
                 "] must lie in [0, 2^24), got ", indices[j]);
     r.numel = numel;
     r.step_ptr = st.data_ptr();
+    r.step_double = st_type == at::kDouble;
     r.index = indices[j];
     add(r.step_ptr, 1, st_type == at::kDouble ? 8 : 4, "steps");
   }

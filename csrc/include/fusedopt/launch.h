@@ -19,6 +19,7 @@ struct TensorRef {
   int64_t numel = 0;
   int64_t step = 0;   // 1-based step of this update (CPU); unused on CUDA
   void* step_ptr = nullptr;  // the `step` tensor's storage (CUDA reads it)
+  bool step_double = false;  // whether that step is float64 (else float32)
   int64_t index = 0;  // position in the optimizer's state numbering
 };
 

@@ -130,7 +130,7 @@ inline void check_limits(const Limits& lim, int max_tensors) {
 // Fills `tab` launch by launch and calls launch() after each (Note [Launch
 // plan]). Tensors without elements get no slot (their step still advances).
 template <int N, typename Launch>
-void plan(const std::vector<TensorRef>& tensors, at::TensorList steps, const Limits& lim, Table<N>& tab,
+void plan(const std::vector<TensorRef>& tensors, const Limits& lim, Table<N>& tab,
           const Launch& launch) {
   check_limits(lim, Table<N>::K);
   tab.chunk = lim.chunk;
@@ -146,7 +146,7 @@ void plan(const std::vector<TensorRef>& tensors, at::TensorList steps, const Lim
     const TensorRef& t = tensors[j];
     if (t.numel == 0) continue;
     uint32_t info = static_cast<uint32_t>(t.index);
-    if (steps[j].scalar_type() == at::kDouble) info |= kDoubleStep;
+    if (t.step_double) info |= kDoubleStep;
     bool aligned = true;
     for (int k = 0; k < N; ++k) aligned = aligned && reinterpret_cast<uintptr_t>(t.ptr[k]) % 16 == 0;
     if (aligned) info |= kAligned;
@@ -228,15 +228,20 @@ FUSEDOPT_HD inline uint32_t keep_bits(const math::Common& c, uint64_t offset, in
   return bits;
 }
 
-// The rounding words of elements i .. i + G - 1 (Note [Rounding stream]),
-// word e for element i + e; i % 4 == 0.
+// The rounding bits of elements i .. i + G - 1 (Note [Rounding stream]):
+// out[e] for element i + e; i % 8 == 0 and G % 8 == 0, so a Philox block
+// covers 8 elements.
 template <int G>
-FUSEDOPT_HD inline void rounding_words(uint64_t seed, uint64_t offset, int64_t i, uint32_t (&out)[G]) {
+FUSEDOPT_HD inline void rounding_bits(uint64_t seed, uint64_t offset, int64_t i, uint16_t (&out)[G]) {
+  static_assert(G % 8 == 0, "a rounding group is whole Philox blocks");
   FUSEDOPT_UNROLL
-  for (int b = 0; b < G / 4; ++b) {
-    const philox::Words w = philox::block(seed, offset, (static_cast<uint64_t>(i) >> 2) + b);
+  for (int b = 0; b < G / 8; ++b) {
+    const philox::Words w = philox::block(seed, offset, (static_cast<uint64_t>(i) >> 3) + b);
     FUSEDOPT_UNROLL
-    for (int k = 0; k < 4; ++k) out[4 * b + k] = w.w[k];
+    for (int k = 0; k < 4; ++k) {
+      out[8 * b + 2 * k] = static_cast<uint16_t>(w.w[k]);
+      out[8 * b + 2 * k + 1] = static_cast<uint16_t>(w.w[k] >> 16);
+    }
   }
 }
 
@@ -303,8 +308,8 @@ FUSEDOPT_HD inline void optimizer_chunk(const A& a, int64_t block, int64_t tid, 
       }
     }
     const uint32_t bits = MASK ? keep_bits<G>(a.common, offset, i) : 0;
-    uint32_t words[SR ? G : 1];
-    if constexpr (SR) rounding_words<G>(a.common.seed, philox::rounding_offset(t, index), i, words);
+    uint16_t u[SR ? G : 8];
+    if constexpr (SR) rounding_bits<G>(a.common.seed, philox::rounding_offset(t, index), i, u);
     FUSEDOPT_UNROLL
     for (int e = 0; e < G; ++e) {
       S x[N];
@@ -314,7 +319,7 @@ FUSEDOPT_HD inline void optimizer_chunk(const A& a, int64_t block, int64_t tid, 
       for (int k = 0; k < M; ++k) x[2 + k] = static_cast<S>(w[k].v[e]);
       body(x, MASK ? S((bits >> e) & 1u) : S(1));
       if constexpr (SR)
-        v[0].v[e] = scalar_t(math::bf16_bits_stochastic(x[0], words[e]), scalar_t::from_bits());
+        v[0].v[e] = scalar_t(math::bf16_bits_stochastic(x[0], u[e]), scalar_t::from_bits());
       else
         v[0].v[e] = static_cast<scalar_t>(x[0]);
       v[1].v[e] = static_cast<scalar_t>(x[1]);
@@ -462,7 +467,7 @@ void with_body(const OptimizerCall<math::AdamHyper>& call, const F& f) {
 // Host: the arguments of every update launch of `call` with chunk body Body,
 // handed to launch(args) one launch at a time.
 template <typename Body, typename Hyper, typename Launch>
-void for_each_launch(const OptimizerCall<Hyper>& call, at::TensorList steps, const float* grad_scale,
+void for_each_launch(const OptimizerCall<Hyper>& call, const float* grad_scale,
                      const float* found_inf, const Limits& lim, const Launch& launch) {
   TORCH_INTERNAL_ASSERT(call.lists == Body::N, "launch plan: ", call.lists, " lists for a body of ", Body::N);
   typename Body::Args args;
@@ -471,7 +476,7 @@ void for_each_launch(const OptimizerCall<Hyper>& call, at::TensorList steps, con
   args.grad_scale = grad_scale;
   args.found_inf = found_inf;
   args.lr = call.lr;
-  plan(call.tensors, steps, lim, args.tab, [&] { launch(static_cast<const typename Body::Args&>(args)); });
+  plan(call.tensors, lim, args.tab, [&] { launch(static_cast<const typename Body::Args&>(args)); });
 }
 
 // The step kernel's arguments: every step of a call advances by one.

@@ -67,12 +67,14 @@ FUSEDOPT_HD inline uint64_t grad_mask_offset(int64_t step, int64_t index) {
 }
 
 // Note [Rounding stream]
-// The words of stochastic rounding (Note [Stochastic rounding] in
-// fusedopt/math/round.h) come from the same key (grad_mask_seed) at stream
-// offset 2^63 + t * 2^24 + j for element i of parameter j at step t: word
-// i % 4 of block i / 4, as the mask's bits. The offsets of the mask streams
-// stay below 2^63 for any step below 2^39, so the two never share a counter
-// and a masked, stochastically rounded step draws independent numbers for both.
+// The random bits of stochastic rounding (Note [Stochastic rounding] in
+// fusedopt/math/round.h) for parameter j at step t come from the same key
+// (grad_mask_seed) at stream offset 2^63 + t * 2^24 + j, read as 16-bit
+// halves, low half first: element i takes half i % 2 of word i / 2 (word w
+// of block g being word 4g + w), so one Philox block rounds 8 elements. The
+// offsets of the mask streams stay below 2^63 for any step below 2^39, so the
+// two never share a counter and a masked, stochastically rounded step draws
+// independent numbers for both.
 FUSEDOPT_HD inline uint64_t rounding_offset(int64_t step, int64_t index) {
   return grad_mask_offset(step, index) | (uint64_t(1) << 63);
 }

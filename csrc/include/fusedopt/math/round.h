@@ -16,8 +16,7 @@
 // round-to-nearest would; ±inf stays inf (its low half is 0); a NaN becomes
 // 0x7FC0, the NaN c10's scalar bf16 conversion stores, whatever its sign
 // and payload. Every bf16 value is a fixed point (its low half is 0, so
-// nothing carries). u is the upper half of the
-// Philox word of the parameter's element in the rounding stream (Note
+// nothing carries). u is element i's 16 bits of the rounding stream (Note
 // [Rounding stream] in fusedopt/philox.h), so the rounded bits are a pure
 // function of (seed, step, parameter index, element index): the same on
 // every device, thread count and vector width.
@@ -29,12 +28,12 @@
 namespace fusedopt {
 namespace math {
 
-// The bf16 bits of x rounded with the random word `word`.
-FUSEDOPT_HD inline uint16_t bf16_bits_stochastic(float x, uint32_t word) {
+// The bf16 bits of x rounded with the random u in [0, 2^16).
+FUSEDOPT_HD inline uint16_t bf16_bits_stochastic(float x, uint32_t u) {
   uint32_t b;
   std::memcpy(&b, &x, sizeof b);
   if ((b & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;
-  return static_cast<uint16_t>((b + (word >> 16)) >> 16);
+  return static_cast<uint16_t>((b + u) >> 16);
 }
 
 }  // namespace math
