@@ -82,7 +82,8 @@ struct KeepDraw {
 struct RoundDraw {
   uint64_t seed = 0, offset = 0;
 
-  void fill(uint16_t* out, int64_t i0, int64_t n) const { cache.fill(Draw{seed, offset, 0}, out, i0, n); }
+  // The bits of the vector of elements i onwards (i % W == 0).
+  const uint16_t* at(int64_t i) const { return cache.at(Draw{seed, offset, 0}, i); }
 
   mutable HalfCache cache;
 };
@@ -132,9 +133,9 @@ inline void elementwise(void* const* ptr, int64_t begin, int64_t end, unsigned s
       if (!(stores >> K & 1u)) return;
       T* p = static_cast<T*>(ptr[K]) + i;
       if constexpr (K == 0 && SR) {
-        uint16_t u[W];
-        round.fill(u, i, FULL ? W : n);
-        store_stochastic(p, x[K], u, FULL ? W : n);
+        // Vectors start at multiples of W (chunks at multiples of kChunk), W divides a batch.
+        static_assert(HalfCache::kHalves % W == 0 && kChunk % W == 0);
+        store_stochastic(p, x[K], round.at(i), FULL ? W : n);
       } else if constexpr (FULL) {
         VecIo<T>::store(p, x[K]);
       } else {

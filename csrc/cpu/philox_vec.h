@@ -336,22 +336,19 @@ class KeepCache {
 
 // The 16-bit halves of a draw's Philox words, low half first (stochastic
 // rounding: Note [Rounding stream] in fusedopt/philox.h), for a loop that
-// walks the draw in order; the last batch is cached.
+// walks the draw in order a vector at a time; the last batch is cached.
 class HalfCache {
  public:
-  // out[k] = half i0 + k of the draw, for k < n.
-  void fill(const Draw& d, uint16_t* out, int64_t i0, int64_t n) {
+  static constexpr int64_t kHalves = 128 * kBatch;  // halves per batch
+
+  // Halves i .. i + n − 1 of the draw, for a run that lies in one batch (i
+  // and n within an aligned block of a power of two up to kHalves); valid
+  // until the next call.
+  const uint16_t* at(const Draw& d, int64_t i) {
     static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "a word's low half is its first two bytes");
-    constexpr int64_t B = 128 * kBatch;  // halves per batch
-    for (int64_t k = 0; k < n;) {
-      const auto i = static_cast<uint64_t>(i0 + k);
-      const uint64_t b = i / B;
-      if (!valid_ || b_ != b) refill(d, b);
-      const int64_t take = std::min<int64_t>(n - k, static_cast<int64_t>(B - (i - b * B)));
-      std::memcpy(out + k, reinterpret_cast<const uint16_t*>(words_) + (i - b * B),
-                  static_cast<size_t>(take) * sizeof(uint16_t));
-      k += take;
-    }
+    const uint64_t b = static_cast<uint64_t>(i) / kHalves;
+    if (!valid_ || b_ != b) refill(d, b);
+    return reinterpret_cast<const uint16_t*>(words_) + (static_cast<uint64_t>(i) - b * kHalves);
   }
 
  private:
