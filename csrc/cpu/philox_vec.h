@@ -67,7 +67,7 @@ inline VI unpackhi32(const VI& a, const VI& b) { return _mm512_unpackhi_epi32(a,
 inline VI unpacklo64(const VI& a, const VI& b) { return _mm512_unpacklo_epi64(a, b); }
 inline VI unpackhi64(const VI& a, const VI& b) { return _mm512_unpackhi_epi64(a, b); }
 inline VI loadu(const uint32_t* p) { return _mm512_loadu_si512(p); }
-inline void storeu(uint32_t* p, const VI& v) { _mm512_storeu_si512(p, v); }
+inline void storeu(void* p, const VI& v) { _mm512_storeu_si512(p, v); }
 // Bit k set iff lane k < T, for T = last + 1 (callers handle T = 0).
 inline uint64_t below(const VI& w, const VI& last) {
   return static_cast<uint64_t>(_mm512_cmple_epu32_mask(w, last));
@@ -89,7 +89,7 @@ inline VI unpackhi32(const VI& a, const VI& b) { return _mm256_unpackhi_epi32(a,
 inline VI unpacklo64(const VI& a, const VI& b) { return _mm256_unpacklo_epi64(a, b); }
 inline VI unpackhi64(const VI& a, const VI& b) { return _mm256_unpackhi_epi64(a, b); }
 inline VI loadu(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-inline void storeu(uint32_t* p, const VI& v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+inline void storeu(void* p, const VI& v) { _mm256_storeu_si256(static_cast<__m256i*>(p), v); }
 // AVX2 has no unsigned compare: w <= last iff min(w, last) == w.
 inline uint64_t below(const VI& w, const VI& last) {
   const VI le = _mm256_cmpeq_epi32(_mm256_min_epu32(w, last), w);
@@ -178,18 +178,20 @@ class Keeper {
 #endif
   }
 
-  // out[e] = the word of element 64·q0 + e, for e < 64·kBatch (the raw
-  // words the keep bits above compare with the threshold).
-  void words(uint64_t q0, uint32_t (&out)[64 * kBatch]) const {
+  // Writes the words of elements 64·q0 .. 64·(q0 + kBatch) − 1 (the raw
+  // words the keep bits above compare with the threshold) to the 256·kBatch
+  // bytes at `out`, in element order, as the host stores uint32s.
+  void words(uint64_t q0, void* out) const {
+    char* bytes = static_cast<char*>(out);
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
     VI w[kVectors][4];
     words(q0, w);
     for (int v = 0; v < kVectors; ++v)
-      for (int q = 0; q < 4; ++q) storeu(out + 4 * kLanes * v + q * kLanes, w[v][q]);
+      for (int q = 0; q < 4; ++q) storeu(bytes + 4 * (4 * kLanes * v + q * kLanes), w[v][q]);
 #else
     for (int k = 0; k < 16; ++k) {
       const philox::Words w = philox::block(d_.seed, d_.offset, 16 * q0 + k);
-      std::memcpy(out + 4 * k, w.w, sizeof(w.w));
+      std::memcpy(bytes + 16 * k, w.w, sizeof(w.w));
     }
 #endif
   }
@@ -341,26 +343,25 @@ class HalfCache {
  public:
   static constexpr int64_t kHalves = 128 * kBatch;  // halves per batch
 
-  // Halves i .. i + n − 1 of the draw, for a run that lies in one batch (i
-  // and n within an aligned block of a power of two up to kHalves); valid
-  // until the next call.
+  // Halves i onwards of the draw, up to the end of i's batch of kHalves;
+  // valid until the next call.
   const uint16_t* at(const Draw& d, int64_t i) {
     static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "a word's low half is its first two bytes");
     const uint64_t b = static_cast<uint64_t>(i) / kHalves;
     if (!valid_ || b_ != b) refill(d, b);
-    return reinterpret_cast<const uint16_t*>(words_) + (static_cast<uint64_t>(i) - b * kHalves);
+    return halves_ + (static_cast<uint64_t>(i) - b * kHalves);
   }
 
  private:
   __attribute__((noinline)) void refill(const Draw& d, uint64_t b) {
     if (!keeper_) keeper_.emplace(d);
-    keeper_->words(b * kBatch, words_);
+    keeper_->words(b * kBatch, halves_);
     b_ = b;
     valid_ = true;
   }
 
-  uint32_t words_[64 * kBatch];
-  uint64_t b_ = 0;  // batch index: halves [b·128·kBatch, (b + 1)·128·kBatch)
+  uint16_t halves_[kHalves];  // the batch's words, written as bytes, read as halves
+  uint64_t b_ = 0;  // batch index: halves [b·kHalves, (b + 1)·kHalves)
   bool valid_ = false;
   std::optional<Keeper> keeper_;
 };
