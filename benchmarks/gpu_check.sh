@@ -5,11 +5,13 @@
 #
 # 1. builds fusedopt with its CUDA kernels for sm_90 (log: $OUT/build.log),
 # 2. runs the CUDA tests, the reference tests and the dropout CUDA tests ($OUT/tests.log),
-# 3. runs the GPU benchmark ($OUT/bench.log, $OUT/gpu_bench.json),
-# and writes $OUT/summary.txt; the benchmark's markdown table is printed last. Every stage runs even when
+# 3. runs the benchmark, `python3 -m fusedopt.bench --device cuda` on the three GPU layouts, dropout included
+#    ($OUT/bench.log; $OUT/bench/results.json, results.md, results.png where matplotlib is installed),
+# and writes $OUT/summary.txt; the benchmark's markdown tables are printed last. Every stage runs even when
 # an earlier one failed, each under its own time limit, all within GPU_CHECK_SECONDS (default 450; expect
-# about 4 minutes: build ~2, tests ~1, benchmark ~1). Logs and the JSON are written as they go, so a run cut
-# short still leaves what it finished. No network, no installs: the machine's python3, torch, pytest, nvcc.
+# about 5 minutes: build ~2, tests ~1, benchmark ~2, at most 200 s). Logs and the results are written as they
+# go (the benchmark's after every row, and it starts no row past 80% of its time), so a run cut short still
+# leaves what it finished. No network, no installs: the machine's python3, torch, pytest, nvcc.
 # $OUT defaults to results/gpu. GPU_CHECK_SKIP="tests bench" (any of build tests dropout-tests bench) skips
 # stages, e.g. to fit a short device budget.
 set -u -o pipefail
@@ -99,7 +101,10 @@ fi
 
 : > "$OUT/bench.log"
 left=$((DEADLINE - SECONDS))
-stage bench 200 "$OUT/bench.log" python3 benchmarks/gpu_bench.py --out "$OUT/gpu_bench.json" --budget "$left"
+[ "$left" -gt 200 ] && left=200
+stage bench 200 "$OUT/bench.log" python3 -m fusedopt.bench --device cuda \
+  --optimizers adam,adamw,sgd,adagrad,rmsprop,adam-masked --layouts single-1e9,gpt-1b,many-small-10k \
+  --out "$OUT/bench" --budget "$left" --quiet
 
 {
   printf '%s\n' "${STATUS[@]}"
@@ -110,5 +115,5 @@ echo
 echo "== summary"
 cat "$OUT/summary.txt"
 echo
-# The benchmark's table, last.
-sed -n '/^copy bandwidth/,$p' "$OUT/bench.log"
+# The benchmark's tables, last.
+cat "$OUT/bench/results.md" 2>/dev/null || echo "no $OUT/bench/results.md"

@@ -1,12 +1,24 @@
-"""fusedopt-bench: fusedopt's optimizer steps and dropout against torch's, in one
-interleaved run, with this machine's in-place stream bandwidth as the yardstick
-(measured between the steps of every row, so under the same load).
+"""fusedopt-bench: fusedopt's optimizers (fusedopt.Adam, ...) and dropout against torch's, in one
+interleaved run, with this machine's memory bandwidth as the yardstick: the extension's in-place stream
+kernel a += s·b and, on CUDA (or with --copy), the device-to-device copy dst.copy_(src), each timed between
+the steps of every row, so under the same load.
+
+Every step is timed alone: on the CPU by the host clock; on CUDA by CUDA events after a device
+synchronisation (so its launch overhead counts), with the host time (until step() returns) beside it. The
+layouts named in --graph-layouts are also timed as CUDA-graph replays (device time alone). After the timed
+steps, each torch variant's parameters are compared with fusedopt's: a relative difference above the
+tolerance, or a NaN, makes the exit code 1. With --budget, a row that would start after 80% of it is skipped;
+results.json and results.md are rewritten after every row, so a run cut short keeps what it finished.
 
     fusedopt-bench                       # the default run: ~1 minute on 2 cores
     fusedopt-bench --optimizers adam --layouts gpt2-small --reps 20
-    fusedopt-bench --device cuda --layouts single:1e9
+    fusedopt-bench --optimizers adam,adam-masked --layouts single --no-dropout   # what gradient masking costs
+    fusedopt-bench --layouts mix:4096x100+17x3000 --dtype bfloat16
+    fusedopt-bench --device cuda --layouts single-1e9,gpt-1b,many-small-10k --budget 200
 """
 import argparse
+import gc
+import inspect
 import json
 import math
 import statistics
@@ -16,23 +28,28 @@ from pathlib import Path
 
 import torch
 
-# Bytes each rule must move per element, in units of the element size: every
-# array read once (θ, g, state) and every mutated one written once (θ, state).
-STATE_ARRAYS = {"adam": 2, "adamw": 2, "sgd": 1, "adagrad": 1, "rmsprop": 1}
+# Bytes each rule must move per element, in units of the element size: every array read once (θ, g, state)
+# and every mutated one written once (θ, state).
+STATE_ARRAYS = {"Adam": 2, "AdamW": 2, "SGD": 1, "Adagrad": 1, "RMSprop": 1}
+# name -> (the class in fusedopt and torch.optim, options for both, options for fusedopt's alone)
 OPTIMIZERS = {
-    "adam": ("Adam", {"lr": 1e-3}),
-    "adamw": ("AdamW", {"lr": 1e-3, "weight_decay": 1e-2}),
-    "sgd": ("SGD", {"lr": 1e-2, "momentum": 0.9}),
-    "adagrad": ("Adagrad", {"lr": 1e-2}),
-    "rmsprop": ("RMSprop", {"lr": 1e-2}),
+    "adam": ("Adam", {"lr": 1e-3}, {}),
+    "adamw": ("AdamW", {"lr": 1e-3, "weight_decay": 1e-2}, {}),
+    "sgd": ("SGD", {"lr": 1e-2, "momentum": 0.9}, {}),
+    "adagrad": ("Adagrad", {"lr": 1e-2}, {}),
+    "rmsprop": ("RMSprop", {"lr": 1e-2}, {}),
+    # Bernoulli gradient masking, which torch lacks: its torch rows are torch's plain Adam, and fusedopt's
+    # row is also compared with fusedopt's unmasked Adam on the same layout ("masked/unmasked").
+    "adam-masked": ("Adam", {"lr": 1e-3}, {"grad_keep_prob": 0.5, "grad_mask_seed": 1}),
 }
+DEFAULT_OPTIMIZERS = "adam,adamw,sgd,adagrad,rmsprop"
 TORCH_VARIANTS = {"torch for-loop": {"foreach": False}, "torch foreach": {"foreach": True},
                   "torch fused": {"fused": True}}
 
 
-def gpt2_small():
-    """The 148 parameter shapes of a 124M-parameter GPT-2."""
-    d, vocab, ctx, layers = 768, 50257, 1024, 12
+def gpt2(d=768, layers=12, vocab=50257, ctx=1024):
+    """The parameter shapes of a GPT-2-style decoder (embeddings; per layer LN, QKV, projection, LN, MLP;
+    final LN); by default GPT-2 small's 148 (124M parameters)."""
     block = [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
     return [(vocab, d), (ctx, d)] + block * layers + [(d,), (d,)]
 
@@ -43,13 +60,16 @@ def layered(layers=50, h=164):
     return block * layers
 
 
-def many_small(count=3000, seed=0):
+def many_small(count=3000, low=1, high=700, seed=0):
+    """`count` vectors of low..high-1 elements, drawn from a seeded generator."""
     g = torch.Generator().manual_seed(seed)
-    return [(int(n),) for n in torch.randint(1, 700, (count,), generator=g)]
+    return [(int(n),) for n in torch.randint(low, high, (count,), generator=g)]
 
 
-PRESETS = {"single": lambda: [(16 * 2**20,)], "layered": layered, "many-small": many_small,
-           "gpt2-small": gpt2_small}
+PRESETS = {"single": lambda: [(16 * 2**20,)], "layered": layered, "many-small": many_small, "gpt2-small": gpt2,
+           # for a GPU: 1e9 parameters in one tensor; a ~1e9-parameter GPT (292 tensors); 10,000 small tensors
+           "single-1e9": lambda: [(10**9,)], "gpt-1b": lambda: gpt2(1792, 24),
+           "many-small-10k": lambda: many_small(10_000, 100, 10_001)}
 
 
 def parse_layout(spec):
@@ -67,20 +87,28 @@ def parse_layout(spec):
 
 
 class Timer:
+    """Times one call, returning (device seconds, host seconds). On CUDA: CUDA events after a synchronisation,
+    so the call's launch overhead counts and nothing queued before it does, and the host time until the call
+    returned. On the CPU both are the host clock."""
+
     def __init__(self, device):
         self.cuda = device.type == "cuda"
 
     def __call__(self, fn):
         if self.cuda:
+            torch.cuda.synchronize()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0 = time.perf_counter()
             start.record()
             fn()
             end.record()
+            host = time.perf_counter() - t0
             end.synchronize()
-            return start.elapsed_time(end) / 1e3
+            return start.elapsed_time(end) / 1e3, host
         t0 = time.perf_counter()
         fn()
-        return time.perf_counter() - t0
+        host = time.perf_counter() - t0
+        return host, host
 
 
 class Progress:
@@ -98,93 +126,227 @@ class Progress:
                 sys.stderr.write("\n")
             sys.stderr.flush()
 
-
-def make_params(shapes, dtype, device, seed):
-    g = torch.Generator().manual_seed(seed)
-    params = []
-    for shape in shapes:
-        p = torch.randn(shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
-        p.grad = torch.randn(shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
-        params.append(p)
-    return params
+    def close(self):
+        """Ends the bar's line where skipped rows left it short."""
+        if self.enabled and 0 < self.done < self.total:
+            sys.stderr.write("\n")
 
 
-def candidates(opt, params_for, device):
-    """name -> optimizer over its own copy of the parameters; torch variants that
-    this torch cannot build for this device (e.g. RMSprop has no fused) are left out."""
-    import fusedopt
+class Budget:
+    """--budget: seconds for the whole run, counted from its start; a section (a layout, a row, the dropout
+    cases) that would start after 80% of them is skipped and named in `skipped`."""
 
-    cls_name, kwargs = OPTIMIZERS[opt]
-    out = {"fusedopt": getattr(fusedopt, cls_name)(params_for(), **kwargs)}
-    for name, variant in TORCH_VARIANTS.items():
-        try:
-            o = getattr(torch.optim, cls_name)(params_for(), **kwargs, **variant)
-            o.step()  # fused/foreach support is only checked at the first step
-        except (RuntimeError, ValueError, TypeError):
-            continue
-        out[name] = o
-    return out
+    def __init__(self, seconds):
+        self.seconds, self.t0, self.skipped = seconds, time.perf_counter(), []
+
+    def allows(self, section):
+        if self.seconds is None or time.perf_counter() - self.t0 <= 0.8 * self.seconds:
+            return True
+        self.skipped.append(section)
+        return False
 
 
-class Stream:
-    """a += s·b over n fp32 elements (12 B/element), the extension's own kernel. Timed once per
-    repetition of every row, interleaved with the steps, so a row's "% of stream" compares both
-    under the same machine load."""
+class Yardsticks:
+    """The machine's bandwidth over n fp32 elements, timed once per repetition of every row, interleaved with
+    its steps, so that a row's "% of" columns compare both under the same load: the extension's stream kernel
+    a += s·b (12 B/element) and, with `copy`, the copy a.copy_(b) (bytes read + written: 8 B/element)."""
 
-    def __init__(self, n, device, timer):
-        import fusedopt.ops  # noqa: F401
+    def __init__(self, n, device, timer, copy):
+        import fusedopt.ops  # noqa: F401  (registers torch.ops.fusedopt.stream_)
 
         self.n, self.timer = n, timer
         self.a = torch.randn(n, device=device)
         self.b = torch.randn(n, device=device)
+        self.kernels = {"stream": (12, lambda: torch.ops.fusedopt.stream_(self.a, self.b, 1e-3))}
+        if copy:
+            self.kernels["copy"] = (8, lambda: self.a.copy_(self.b))
         self.time()  # warm-up
 
     def time(self):
-        """Seconds of one pass."""
-        return self.timer(lambda: torch.ops.fusedopt.stream_(self.a, self.b, 1e-3))
+        """Seconds of one pass of each kernel, by name."""
+        return {k: self.timer(f)[0] for k, (_, f) in self.kernels.items()}
 
-    def gb_s(self, times):
-        """GB/s at the median of `times` (seconds per pass)."""
-        return 12 * self.n / statistics.median(times) / 1e9
+    def columns(self, times, gbs):
+        """A row's yardstick columns for its rate of gbs GB/s: each kernel's GB/s at the median of `times`
+        (what time() returned, once a repetition) and gbs as a percentage of it."""
+        out = {}
+        for k, (nbytes, _) in self.kernels.items():
+            rate = nbytes * self.n / statistics.median(t[k] for t in times) / 1e9
+            out.update({f"{k}_gb_s": rate, f"pct_{k}": 100 * gbs / rate})
+        return out
 
 
-def bench_optimizers(args, device, timer, stream, progress):
-    rows = []
-    for layout in args.layouts:
-        name, shapes = parse_layout(layout)
-        numel = sum(math.prod(s) for s in shapes)
-        for opt in args.optimizers:
-            impls = candidates(opt, lambda: make_params(shapes, args.dtype, device, seed=1), device)
-            for o in impls.values():
-                o.step()  # warm-up (allocates state)
-            times = {k: [] for k in impls}
-            stream_times = []
-            for _ in range(args.reps):
-                for k, o in impls.items():  # interleaved, so drift hits all alike
-                    times[k].append(timer(o.step))
-                stream_times.append(stream.time())
-                progress.step(f"{opt} / {name}")
-            stream_gbs = stream.gb_s(stream_times)
-            itemsize = torch.empty((), dtype=args.dtype).element_size()
-            nbytes = (3 + 2 * STATE_ARRAYS[opt]) * itemsize * numel
-            best_torch = min((statistics.median(v) for k, v in times.items() if k != "fusedopt"),
-                             default=float("nan"))
-            for k, v in times.items():
-                med = statistics.median(v)
-                gbs = nbytes / med / 1e9
-                rows.append({
-                    "optimizer": opt, "layout": name, "tensors": len(shapes), "params": numel,
-                    "impl": k, "median_ms": med * 1e3, "gb_s": gbs, "stream_gb_s": stream_gbs,
-                    "pct_stream": 100 * gbs / stream_gbs,
-                    "speedup_vs_best_torch": best_torch / med if k == "fusedopt" else None,
-                })
-            del impls
+def make_params(shapes, dtype, device, seed):
+    """Parameters of these shapes, each with a gradient, drawn on `device` from a generator seeded there."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    params = []
+    for shape in shapes:
+        p = torch.randn(shape, generator=g, device=device).to(dtype)
+        p.grad = torch.randn(shape, generator=g, device=device).to(dtype)
+        params.append(p)
+    return params
+
+
+def copies(base, share_grads):
+    """One implementation's copy of the parameters. With share_grads their gradients are base's own tensors
+    (nothing writes a gradient without AMP; at 1e9 parameters a copy each would cost 4 GB), otherwise copies
+    (so that one implementation does not find in its cache a gradient another has just read)."""
+    out = []
+    for p in base:
+        c = p.clone()
+        c.grad = p.grad if share_grads else p.grad.clone()
+        out.append(c)
+    return out
+
+
+def describe(e):
+    """An exception in one line, for a row."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
+def candidates(opt, params_for, capturable=False):
+    """(name -> optimizer over its own copy of the parameters, stepped once: its state allocated, its first
+    launches made; name -> why one could not be built or stepped). A torch variant fails where this torch
+    lacks it for this device (no fused RMSprop; no CUDA fused Adagrad). capturable: torch's capturable=True,
+    where the class has it, for CUDA-graph capture."""
+    import fusedopt
+
+    cls_name, both, ours = OPTIMIZERS[opt]
+    torch_cls = getattr(torch.optim, cls_name)
+    capture = {"capturable": True} if capturable and "capturable" in inspect.signature(torch_cls).parameters else {}
+    builders = {"fusedopt": lambda: getattr(fusedopt, cls_name)(params_for(), **both, **ours)}
+    for name, variant in TORCH_VARIANTS.items():
+        builders[name] = lambda variant=variant: torch_cls(params_for(), **both, **variant, **capture)
+    built, errors = {}, {}
+    for name, build in builders.items():
+        try:
+            o = build()
+            o.step()
+            built[name] = o
+        except Exception as e:  # torch refuses with RuntimeError, ValueError, TypeError or AssertionError
+            errors[name] = describe(e)
+    return built, errors
+
+
+def params_of(o):
+    return [p for group in o.param_groups for p in group["params"]]
+
+
+def max_rel_diffs(impls):
+    """torch variant -> max |θ − θ_fusedopt| / max |θ_fusedopt| over all parameters: NaN where fusedopt's are
+    not all finite, inf where only the variant's are not (torch overflowing in half precision)."""
+    ours = params_of(impls["fusedopt"])
+    scale = torch.stack(torch._foreach_norm(ours, math.inf)).max().item()
+    out = {}
+    for k, o in impls.items():
+        if k != "fusedopt":
+            d = torch.stack(torch._foreach_norm(torch._foreach_sub(params_of(o), ours), math.inf)).max().item()
+            out[k] = math.nan if not math.isfinite(scale) else d / scale if math.isfinite(d) else math.inf
+    return out
+
+
+def graph_times(impls, timer, reps, device):
+    """(name -> seconds of each of `reps` replays of one step captured in a CUDA graph: device time alone,
+    interleaved; name -> why it could not be captured). Each step is captured as torch's are: after a
+    warm-up step on a side stream."""
+    graphs, errors = {}, {}
+    for k, o in impls.items():
+        try:
+            if device.type != "cuda":
+                raise RuntimeError("CUDA graphs need a CUDA device")
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                o.step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                o.step()
+            graph.replay()  # warm-up
+            graphs[k] = graph
+        except Exception as e:  # an extra measurement: record why, keep going
+            errors[k] = describe(e)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    times = {k: [] for k in graphs}
+    for _ in range(reps):
+        for k, graph in graphs.items():
+            times[k].append(timer(graph.replay)[0])
+    return times, errors
+
+
+def release(device):
+    """Frees what the last row left behind, so that the next one has the memory (1e9 parameters on a GPU)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_optimizer(args, opt, layout, base, device, timer, yard, progress):
+    """One optimizer on one layout: a row per implementation (median step times, GB/s, yardsticks, speed-up,
+    the difference from fusedopt and, for a --graph-layouts layout, CUDA-graph replay times)."""
+    cls_name, _, ours = OPTIMIZERS[opt]
+    share = device.type == "cuda"
+    impls, errors = candidates(opt, lambda: copies(base, share))
+    times = {k: [] for k in impls}
+    hosts = {k: [] for k in impls}
+    yard_times = []
+    for _ in range(args.reps):
+        for k in impls:  # interleaved, so drift hits all alike
+            t, h = timer(impls[k].step)
+            times[k].append(t)
+            hosts[k].append(h)
+        yard_times.append(yard.time())
+        progress.step(f"{opt} / {layout}")
+    # The same start and steps: a torch variant of the same rule agrees with fusedopt to rounding.
+    diffs = max_rel_diffs(impls) if "fusedopt" in impls and not ours else {}
+    del impls
+    replays, graph_errors = {}, {}
+    if layout in args.graph_layouts:
+        release(device)
+        impls, graph_errors = candidates(opt, lambda: copies(base, share), capturable=True)
+        replays, errors_in_capture = graph_times(impls, timer, args.reps, device)
+        graph_errors.update(errors_in_capture)
+        del impls
+
+    numel = sum(p.numel() for p in base)
+    nbytes = (3 + 2 * STATE_ARRAYS[cls_name]) * base[0].element_size() * numel
+    head = {"optimizer": opt, "layout": layout, "tensors": len(base), "params": numel}
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    graph_medians = {k: statistics.median(v) for k, v in replays.items()}
+    best_torch = min((m for k, m in medians.items() if k != "fusedopt"), default=float("nan"))
+    best_graph = min((m for k, m in graph_medians.items() if k != "fusedopt"), default=float("nan"))
+    rows = [{**head, "impl": "fusedopt", "error": errors["fusedopt"]}] if "fusedopt" in errors else []
+    for k, med in medians.items():
+        gbs = nbytes / med / 1e9
+        row = {**head, "impl": k, "median_ms": med * 1e3, "host_ms": statistics.median(hosts[k]) * 1e3,
+               "gb_s": gbs, **yard.columns(yard_times, gbs),
+               "speedup_vs_best_torch": best_torch / med if k == "fusedopt" else None}
+        if k in diffs:
+            row["max_rel_diff_vs_fusedopt"] = diffs[k]
+        if k in graph_medians:
+            row.update(graph_ms=graph_medians[k] * 1e3, graph_gb_s=nbytes / graph_medians[k] / 1e9)
+            if k == "fusedopt":
+                row["graph_speedup_vs_best_torch"] = best_graph / graph_medians[k]
+        elif k in graph_errors:
+            row["graph_error"] = graph_errors[k]
+        rows.append(row)
     return rows
 
 
-def bench_dropout(args, device, timer, stream, progress):
+def masked_ratios(rows):
+    """Gives fusedopt's adam-masked rows `masked_over_unmasked`: their median step time over fusedopt Adam's
+    on the same layout, where both ran."""
+    plain = {r["layout"]: r["median_ms"] for r in rows
+             if r["optimizer"] == "adam" and r["impl"] == "fusedopt" and "median_ms" in r}
+    for r in rows:
+        if r["optimizer"] == "adam-masked" and r["impl"] == "fusedopt" and "median_ms" in r and r["layout"] in plain:
+            r["masked_over_unmasked"] = r["median_ms"] / plain[r["layout"]]
+
+
+def bench_dropout(args, device, timer, yard, progress):
     """fusedopt's dropout against torch.nn.functional.dropout: forward, in-place forward and forward+backward,
-    interleaved, with a stream pass timed per repetition for the "% of stream" column. GB/s counts the bytes a
+    interleaved, with the yardsticks timed per repetition for the "% of" columns. GB/s counts the bytes a
     pass must move: read x, write y (2 per element a pass; fwd+bwd two passes)."""
     from fusedopt.nn import functional as F
 
@@ -206,48 +368,127 @@ def bench_dropout(args, device, timer, stream, progress):
         for f in impls.values():
             f()
         times = {k: [] for k in impls}
-        stream_times = []
+        yard_times = []
         for _ in range(args.reps):
             for k, f in impls.items():
-                times[k].append(timer(f))
-            stream_times.append(stream.time())
+                times[k].append(timer(f)[0])
+            yard_times.append(yard.time())
             progress.step(f"dropout / {label}")
             for w in work:  # keep the in-place targets' values from growing by 1/0.9 per pass
                 w.copy_(x.detach())
-        stream_gbs = stream.gb_s(stream_times)
         n = x.numel()
         for k, v in times.items():
             med = statistics.median(v)
             passes = 2 if "fwd+bwd" in k else 1
             gbs = passes * 2 * n * x.element_size() / med / 1e9
             torch_k = k.replace("fusedopt", "torch")
-            rows.append({"case": label, "impl": k, "median_ms": med * 1e3, "gb_s": gbs, "stream_gb_s": stream_gbs,
-                         "pct_stream": 100 * gbs / stream_gbs,
+            rows.append({"case": label, "impl": k, "median_ms": med * 1e3, "gb_s": gbs,
+                         **yard.columns(yard_times, gbs),
                          "speedup_vs_torch": statistics.median(times[torch_k]) / med if k != torch_k else None})
         # What backward keeps: torch a bool mask (1 B/element), fusedopt (seed, offset).
         rows.append({"case": label, "impl": "saved for backward", "torch_bytes": n, "fusedopt_bytes": 16})
     return rows
 
 
-def table(rows, drop_rows):
-    lines = ["| optimizer | layout | implementation | median ms | GB/s | stream GB/s | % of stream "
-             "| fusedopt speed-up |", "|---|---|---|---:|---:|---:|---:|---:|"]
+def mismatches(rows, tolerance):
+    """The (optimizer, layout, name -> difference) where fusedopt's parameters are not all finite, or agree
+    with none of the torch variants that stayed finite: max relative difference (max_rel_diffs) above
+    `tolerance`. One variant suffices because in half precision torch's disagree among themselves (its fused
+    and for-loop SGD differ by several percent after a few steps; its for-loop and foreach Adam and RMSprop
+    overflow in float16)."""
+    diffs = {}
     for r in rows:
-        s = f"{r['speedup_vs_best_torch']:.2f}x" if r["speedup_vs_best_torch"] is not None else ""
-        lines.append(f"| {r['optimizer']} | {r['layout']} ({r['tensors']} tensors, {r['params'] / 1e6:.1f}M) | "
-                     f"{r['impl']} | {r['median_ms']:.2f} | {r['gb_s']:.1f} | {r['stream_gb_s']:.1f} | "
-                     f"{r['pct_stream']:.0f}% | {s} |")
+        if "max_rel_diff_vs_fusedopt" in r:
+            diffs.setdefault((r["optimizer"], r["layout"]), {})[r["impl"]] = r["max_rel_diff_vs_fusedopt"]
+    bad = []
+    for (opt, layout), d in diffs.items():
+        finite = [v for v in d.values() if math.isfinite(v)]
+        if any(map(math.isnan, d.values())) or finite and min(finite) > tolerance:
+            bad.append((opt, layout, d))
+    return bad
+
+
+def markdown(columns, lines, left):
+    """A markdown table: the first `left` columns (names) left-aligned, the others (figures) right-aligned."""
+    return ["| " + " | ".join(columns) + " |",
+            "|" + "|".join(["---"] * left + ["---:"] * (len(columns) - left)) + "|",
+            *("| " + " | ".join(cells) + " |" for cells in lines)]
+
+
+def ms(x):
+    """Milliseconds with two decimals, three below 1 ms."""
+    return f"{x:.2f}" if x >= 1 else f"{x:.3f}"
+
+
+def speedup(x):
+    return "" if x is None else f"{x:.2f}x"
+
+
+def optimizer_tables(rows, host):
+    """The optimizer rows; then, where they ran, adam-masked against fusedopt's Adam and the CUDA-graph
+    replays. host: with the host-time column (CUDA)."""
+    copy = any("pct_copy" in r for r in rows)
+    columns = (["optimizer", "layout", "implementation", "median ms"] + ["host ms"] * host
+               + ["GB/s", "stream GB/s", "% of stream"] + ["% of copy"] * copy + ["fusedopt speed-up"])
+    lines, graphed = [], []
+    for r in rows:
+        names = [r["optimizer"], f"{r['layout']} ({r['tensors']} tensors, {r['params'] / 1e6:.1f}M)", r["impl"]]
+        if "error" in r:
+            lines.append(names + [f"error: {r['error']}"] + [""] * (len(columns) - 4))
+            continue
+        lines.append(names + [ms(r["median_ms"])] + ([ms(r["host_ms"])] if host else [])
+                     + [f"{r['gb_s']:.1f}", f"{r['stream_gb_s']:.1f}", f"{r['pct_stream']:.0f}%"]
+                     + ([f"{r['pct_copy']:.0f}%"] if copy else []) + [speedup(r["speedup_vs_best_torch"])])
+        if "graph_ms" in r:
+            graphed.append(names + [ms(r["graph_ms"]), f"{r['graph_gb_s']:.1f}",
+                                    speedup(r.get("graph_speedup_vs_best_torch"))])
+        elif "graph_error" in r:
+            graphed.append(names + [f"error: {r['graph_error']}", "", ""])
+    out = markdown(columns, lines, 3)
+    masked = [r for r in rows if "masked_over_unmasked" in r]
+    if masked:
+        keep = OPTIMIZERS["adam-masked"][2]["grad_keep_prob"]
+        out += ["", *markdown(["layout", "fusedopt Adam ms", f"grad_keep_prob={keep} ms", "masked/unmasked"],
+                              [[r["layout"], ms(r["median_ms"] / r["masked_over_unmasked"]), ms(r["median_ms"]),
+                                f"{r['masked_over_unmasked']:.2f}"] for r in masked], 1)]
+    if graphed:
+        out += ["", "CUDA-graph replays (device time alone, no host overhead):", "",
+                *markdown(["optimizer", "layout", "implementation", "replay ms", "GB/s", "fusedopt speed-up"],
+                          graphed, 3)]
+    return out
+
+
+def dropout_table(rows):
+    copy = any("pct_copy" in r for r in rows)
+    columns = (["dropout case", "implementation", "median ms", "GB/s", "% of stream"] + ["% of copy"] * copy
+               + ["fusedopt speed-up"])
+    lines = []
+    for r in rows:
+        if "median_ms" in r:
+            lines.append([r["case"], r["impl"], ms(r["median_ms"]), f"{r['gb_s']:.1f}", f"{r['pct_stream']:.0f}%"]
+                         + ([f"{r['pct_copy']:.0f}%"] if copy else []) + [speedup(r["speedup_vs_torch"])])
+        else:
+            lines.append([r["case"], "bytes saved for backward", f"torch {r['torch_bytes']:,}",
+                          f"fusedopt {r['fusedopt_bytes']}", ""] + [""] * copy + [""])
+    return markdown(columns, lines, 2)
+
+
+def report(machine, rows, drop_rows, skipped, bad):
+    """results.md: a line on the run, the tables, what was skipped and what did not match."""
+    cuda = machine["device"].startswith("cuda")
+    head = (f"fusedopt-bench on {machine['device_name']} ({machine['threads']} threads), torch {machine['torch']}, "
+            f"{machine['dtype']}; median of {machine['reps']} interleaved steps; stream a+=s*b, timed with every "
+            f"row: {machine['stream_gb_s']:.1f} GB/s (median of rows)")
+    if "copy_gb_s" in machine:
+        head += f"; copy dst.copy_(src), read+write: {machine['copy_gb_s']:.1f} GB/s"
+    lines = [head, "", *optimizer_tables(rows, cuda)]
     if drop_rows:
-        lines += ["", "| dropout case | implementation | median ms | GB/s | % of stream | fusedopt speed-up |",
-                  "|---|---|---:|---:|---:|---:|"]
-        for r in drop_rows:
-            if "median_ms" in r:
-                s = f"{r['speedup_vs_torch']:.2f}x" if r["speedup_vs_torch"] is not None else ""
-                lines.append(f"| {r['case']} | {r['impl']} | {r['median_ms']:.2f} | {r['gb_s']:.1f} | "
-                             f"{r['pct_stream']:.0f}% | {s} |")
-            else:
-                lines.append(f"| {r['case']} | bytes saved for backward | torch {r['torch_bytes']:,} | "
-                             f"fusedopt {r['fusedopt_bytes']} | | |")
+        lines += ["", *dropout_table(drop_rows)]
+    if skipped:
+        lines += ["", f"skipped (past 80% of the {machine['budget_s']:g} s budget): {', '.join(skipped)}"]
+    lines += [f"MISMATCH {opt} / {layout}: fusedopt's parameters differ from every torch variant's ("
+              + ", ".join(f"{k} {v:.2e}" for k, v in d.items()) + f"; relative, tolerance {machine['tolerance']:g})"
+              for opt, layout, d in bad]
     return "\n".join(lines)
 
 
@@ -278,17 +519,23 @@ def chart(rows, path):
     return True
 
 
-def main(argv=None):
+def parse_args(argv):
     ap = argparse.ArgumentParser(prog="fusedopt-bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--optimizers", default="adam,adamw,sgd,adagrad,rmsprop",
-                    help="comma-separated: " + ", ".join(OPTIMIZERS))
+    ap.add_argument("--optimizers", default=DEFAULT_OPTIMIZERS, help="comma-separated: " + ", ".join(OPTIMIZERS))
     ap.add_argument("--layouts", default="single,layered,many-small",
                     help=f"comma-separated presets ({', '.join(PRESETS)}) or NAME:SIZExCOUNT+SIZExCOUNT")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--reps", type=int, default=10, help="timed steps per implementation (median)")
+    ap.add_argument("--graph-layouts", default=None,
+                    help="comma-separated layouts also timed as CUDA-graph replays (default: many-small and "
+                         "many-small-10k on CUDA, none on the CPU)")
+    ap.add_argument("--copy", action="store_true",
+                    help="also time the device-to-device copy as a yardstick (always on CUDA)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds: rows that would start after 80%% of this are skipped (results so far kept)")
     ap.add_argument("--no-dropout", action="store_true", help="skip the dropout section")
     ap.add_argument("--out", default="results", help="folder for results.json, results.md, results.png")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -299,33 +546,75 @@ def main(argv=None):
         if o not in OPTIMIZERS:
             ap.error(f"unknown optimizer {o!r}")
     args.dtype = getattr(torch, args.dtype)
+    args.device = torch.device(args.device)
+    cuda = args.device.type == "cuda"
+    if args.graph_layouts is None:
+        args.graph_layouts = "many-small,many-small-10k" if cuda else ""
+    args.graph_layouts = [l for l in args.graph_layouts.split(",") if l]
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    budget = Budget(args.budget)
+    device = args.device
+    import fusedopt._ext  # (loads the extension, or says why it cannot)
+
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: torch sees no CUDA device")
+        if not fusedopt._ext.HAS_CUDA_KERNELS:
+            raise SystemExit("fusedopt was built without its CUDA kernels: build it with FUSEDOPT_CUDA=1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    layouts = [parse_layout(l) for l in args.layouts]
     timer = Timer(device)
-
-    steps = args.reps * (len(args.optimizers) * len(args.layouts) + (0 if args.no_dropout else 2))
+    steps = args.reps * (len(args.optimizers) * len(layouts) + (0 if args.no_dropout else 2))
     progress = Progress(steps, enabled=not args.quiet)
-    stream_n = 2**30 // 4 if device.type == "cuda" else 32 * 2**20
-    stream = Stream(stream_n, device, timer)
-    rows = bench_optimizers(args, device, timer, stream, progress)
-    # The rows' stream figures (one median per row) summarised for the header.
-    stream_gbs = statistics.median(r["stream_gb_s"] for r in rows) if rows else float("nan")
-    drop_rows = [] if args.no_dropout else bench_dropout(args, device, timer, stream, progress)
-
+    yard = Yardsticks(2**29 if device.type == "cuda" else 32 * 2**20, device, timer,
+                      copy=args.copy or device.type == "cuda")
+    tolerance = max(1e-3, 4 * torch.finfo(args.dtype).eps)  # fp32: 1e-3; bf16, fp16: a few units of rounding
     machine = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "dtype": str(args.dtype), "reps": args.reps, "stream_gb_s": stream_gbs,
+               "cuda": torch.version.cuda, "fusedopt_build": fusedopt._ext.BUILD, "dtype": str(args.dtype),
+               "reps": args.reps, "tolerance": tolerance, "budget_s": args.budget,
+               "graph_layouts": args.graph_layouts,
                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    md = (f"fusedopt-bench on {machine['device_name']} ({machine['threads']} threads), torch {torch.__version__}, "
-          f"{args.dtype}; median of {args.reps} interleaved steps; stream a+=s*b, timed with every row: "
-          f"{stream_gbs:.1f} GB/s (median of rows)\n\n"
-          + table(rows, drop_rows))
+    rows, drop_rows = [], []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"machine": machine, "optimizers": rows, "dropout": drop_rows},
-                                                 indent=1))
-    (out / "results.md").write_text(md + "\n")
-    drew = chart(rows, out / "results.png")
+
+    def save():
+        """Writes results.json and results.md as they stand: a run cut short keeps every finished row."""
+        masked_ratios(rows)
+        timed = [r for r in rows if "median_ms" in r]
+        for k in yard.kernels:  # the rows' yardstick figures, one median per row, summarised for the header
+            machine[f"{k}_gb_s"] = statistics.median(r[f"{k}_gb_s"] for r in timed) if timed else float("nan")
+        machine["seconds"] = time.perf_counter() - budget.t0
+        bad = mismatches(rows, tolerance)
+        (out / "results.json").write_text(json.dumps(
+            {"machine": machine, "optimizers": rows, "dropout": drop_rows, "skipped": budget.skipped,
+             "mismatches": [{"optimizer": o, "layout": l, "max_rel_diffs": d} for o, l, d in bad]}, indent=1))
+        md = report(machine, rows, drop_rows, budget.skipped, bad)
+        (out / "results.md").write_text(md + "\n")
+        return md, bad
+
+    for name, shapes in layouts:
+        if not budget.allows(name):
+            continue
+        base = make_params(shapes, args.dtype, device, seed=1)
+        for opt in args.optimizers:
+            if budget.allows(f"{opt} / {name}"):
+                rows += bench_optimizer(args, opt, name, base, device, timer, yard, progress)
+                release(device)
+                save()
+        del base
+        release(device)
+    if not args.no_dropout and budget.allows("dropout"):
+        drop_rows += bench_dropout(args, device, timer, yard, progress)
+    progress.close()
+    md, bad = save()
+    timed = [r for r in rows if "gb_s" in r]
+    drew = bool(timed) and chart(timed, out / "results.png")
     print(md)
     print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}" + (f", {out / 'results.png'}" if drew else ""))
-    return 0
+    return 1 if bad or any("error" in r for r in rows) else 0
