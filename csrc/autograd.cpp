@@ -1,7 +1,12 @@
 // The optimizer ops' Autograd kernel, for every device (Note [Optimizer ops
 // under autograd]).
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
+
+#include <type_traits>
+
+#include "fusedopt/calls.h"
 
 namespace fusedopt {
 namespace {
@@ -18,34 +23,52 @@ namespace {
 // version counter of every tensor of a mutable list, and it redispatches to
 // the device kernel. The bumps come first: one that fails (an inference
 // tensor outside inference mode, as for torch's in-place ops) fails before
-// any data changes.
-void optimizer_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
-  const auto& args = op.schema().arguments();
-  const size_t base = stack->size() - args.size();
-  const bool grad_mode = at::GradMode::is_enabled();
-  for (size_t i = 0; i < args.size(); ++i) {
-    const c10::AliasInfo* alias = args[i].alias_info();
-    const c10::IValue& value = (*stack)[base + i];
-    if (alias == nullptr || !alias->isWrite() || !value.isTensorList()) continue;
-    // Through the IValues: iterating value.toTensorList() would copy (and later release) every tensor.
-    for (const c10::IValue& element : value.toListRef()) {
-      const at::Tensor& t = element.toTensor();
-      if (!t.defined()) continue;  // the device kernel names it
-      TORCH_CHECK(!(grad_mode && t.requires_grad()), op.schema().name(), ": ", args[i].name(),
-                  " holds a tensor that requires grad while grad mode is on; the optimizer step has no "
-                  "derivative, call it under torch.no_grad()");
-      torch::autograd::impl::bump_version(t);
-    }
+// any data changes. It is an unboxed kernel of the op's own signature, so a
+// call from C++ (Note [Direct calls] in csrc/module.cpp) reaches the device
+// kernel without boxing its lists into IValues.
+template <typename Sig>
+struct Autograd;
+
+template <typename... Args>
+struct Autograd<void(Args...)> {
+  template <const char* Name, const char* Overload>
+  static void kernel(c10::DispatchKeySet keys, Args... args) {
+    static const auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow(Name, Overload).template typed<void(Args...)>();
+    const auto& schema = op.schema().arguments();
+    const bool grad_mode = at::GradMode::is_enabled();
+    size_t i = 0;
+    auto bump = [&](const auto& arg) {
+      if constexpr (std::is_same_v<std::decay_t<decltype(arg)>, at::TensorList>) {
+        const c10::AliasInfo* alias = schema[i].alias_info();
+        if (alias != nullptr && alias->isWrite()) {
+          for (const at::Tensor& t : arg) {
+            if (!t.defined()) continue;  // the device kernel names it
+            TORCH_CHECK(!(grad_mode && t.requires_grad()), op.schema().name(), ": ", schema[i].name(),
+                        " holds a tensor that requires grad while grad mode is on; the optimizer step has no "
+                        "derivative, call it under torch.no_grad()");
+            torch::autograd::impl::bump_version(t);
+          }
+        }
+      }
+      ++i;
+    };
+    (bump(args), ...);
+    op.redispatch(keys & c10::after_autograd_keyset, args...);
   }
-  op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
-}
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedopt, Autograd, m) {
-  for (const char* name : {"sgd_", "sgd_.tensor_lr", "adagrad_", "adagrad_.tensor_lr", "rmsprop_",
-                           "rmsprop_.tensor_lr", "adam_", "adam_.tensor_lr"})
-    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&optimizer_autograd>());
+#define FUSEDOPT_IMPL_AUTOGRAD(SIG, NAME, OVERLOAD)                                                      \
+  {                                                                                                      \
+    static constexpr char name[] = "fusedopt::" NAME, overload[] = OVERLOAD;                             \
+    m.impl(sizeof(OVERLOAD) > 1 ? NAME "." OVERLOAD : NAME,                                              \
+           TORCH_FN((Autograd<SIG>::kernel<name, overload>)));                                           \
+  }
+  FUSEDOPT_FOR_EACH_OPTIMIZER_OP(FUSEDOPT_IMPL_AUTOGRAD)
+#undef FUSEDOPT_IMPL_AUTOGRAD
 }
 
 }  // namespace fusedopt

@@ -21,13 +21,19 @@ import torch
 from torch import Tensor
 
 import fusedopt._ext  # noqa: F401  (loads the library that defines torch.ops.fusedopt)
+from fusedopt import _C
 
 __all__ = ["adagrad_", "adam_", "rmsprop_", "sgd_", "stream_"]
 
 
-def _overload(op, lr):
-    """The op's overload for this lr: `.tensor_lr` for a tensor, the default for a float."""
-    return op.tensor_lr if isinstance(lr, Tensor) else op.default
+def _call(packet, name, lists, options):
+    """The op `packet` on (lists, options), its `.tensor_lr` overload for a tensor lr: called from C++ without
+    boxing its lists (Note [Direct calls] in csrc/module.cpp), or through torch.ops under torch.compile and
+    wherever the direct call declines (tensor subclasses, torch function modes, other Python types)."""
+    tensor_lr = isinstance(options["lr"], Tensor)
+    if torch.compiler.is_compiling() or _C._call(f"{name}.tensor_lr" if tensor_lr else name, lists,
+                                                 options) is NotImplemented:
+        (packet.tensor_lr if tensor_lr else packet.default)(*lists, **options)
 
 
 def sgd_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], steps: list[Tensor],
@@ -38,12 +44,12 @@ def sgd_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tenso
          grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
     """SGD; momentum_buffers is empty when momentum == 0."""
     if params:  # with no tensor at all the dispatcher finds no kernel
-        _overload(torch.ops.fusedopt.sgd_, lr)(
-            params, grads, momentum_buffers, steps, indices, lr=lr, momentum=momentum, dampening=dampening,
+        _call(torch.ops.fusedopt.sgd_, "sgd_", (params, grads, momentum_buffers, steps, indices),
+            dict(lr=lr, momentum=momentum, dampening=dampening,
             nesterov=nesterov, ema_momentum=ema_momentum, weight_decay=weight_decay, l1_decay=l1_decay,
             decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, grad_keep_prob=grad_keep_prob,
             grad_mask_seed=grad_mask_seed, stochastic_rounding=stochastic_rounding,
-            grad_scale=grad_scale, found_inf=found_inf)
+            grad_scale=grad_scale, found_inf=found_inf))
 
 
 def adagrad_(params: list[Tensor], grads: list[Tensor], state_sums: list[Tensor], steps: list[Tensor],
@@ -54,11 +60,11 @@ def adagrad_(params: list[Tensor], grads: list[Tensor], state_sums: list[Tensor]
              found_inf: Optional[Tensor] = None) -> None:
     """Adagrad."""
     if params:  # with no tensor at all the dispatcher finds no kernel
-        _overload(torch.ops.fusedopt.adagrad_, lr)(
-            params, grads, state_sums, steps, indices, lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
+        _call(torch.ops.fusedopt.adagrad_, "adagrad_", (params, grads, state_sums, steps, indices),
+            dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
             l1_decay=l1_decay, decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
             grad_keep_prob=grad_keep_prob, grad_mask_seed=grad_mask_seed, stochastic_rounding=stochastic_rounding,
-            grad_scale=grad_scale, found_inf=found_inf)
+            grad_scale=grad_scale, found_inf=found_inf))
 
 
 def rmsprop_(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor], grad_avgs: list[Tensor],
@@ -70,12 +76,12 @@ def rmsprop_(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor
              found_inf: Optional[Tensor] = None) -> None:
     """RMSprop; grad_avgs is empty unless centered, momentum_buffers unless momentum > 0."""
     if params:  # with no tensor at all the dispatcher finds no kernel
-        _overload(torch.ops.fusedopt.rmsprop_, lr)(
-            params, grads, square_avgs, grad_avgs, momentum_buffers, steps, indices, lr=lr, alpha=alpha, eps=eps,
+        _call(torch.ops.fusedopt.rmsprop_, "rmsprop_", (params, grads, square_avgs, grad_avgs, momentum_buffers, steps, indices),
+            dict(lr=lr, alpha=alpha, eps=eps,
             momentum=momentum, centered=centered, weight_decay=weight_decay, l1_decay=l1_decay,
             decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, grad_keep_prob=grad_keep_prob,
             grad_mask_seed=grad_mask_seed, stochastic_rounding=stochastic_rounding,
-            grad_scale=grad_scale, found_inf=found_inf)
+            grad_scale=grad_scale, found_inf=found_inf))
 
 
 def adam_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
@@ -87,12 +93,12 @@ def adam_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
           grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
     """Adam / AdamW (decoupled_weight_decay=True); max_exp_avg_sqs is empty unless amsgrad."""
     if params:  # with no tensor at all the dispatcher finds no kernel
-        _overload(torch.ops.fusedopt.adam_, lr)(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, indices, lr=lr, beta1=beta1, beta2=beta2,
+        _call(torch.ops.fusedopt.adam_, "adam_", (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, indices),
+            dict(lr=lr, beta1=beta1, beta2=beta2,
             eps=eps, amsgrad=amsgrad, eps_inside_sqrt=eps_inside_sqrt, weight_decay=weight_decay, l1_decay=l1_decay,
             decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, grad_keep_prob=grad_keep_prob,
             grad_mask_seed=grad_mask_seed, stochastic_rounding=stochastic_rounding,
-            grad_scale=grad_scale, found_inf=found_inf)
+            grad_scale=grad_scale, found_inf=found_inf))
 
 
 def stream_(a: Tensor, b: Tensor, s: float) -> None:

@@ -5,7 +5,8 @@ tests/test_bad_input.py in a subprocess so that a crash fails that test instead 
 
 Each example builds a call from random list lengths, shapes, dtypes, layouts (contiguous, transposed,
 strided, expanded, offset, sparse), aliasing, steps, indices, AMP tensors, ISA and scalars (NaN, ±inf,
-negative, huge), and accepts exactly two outcomes:
+negative, huge), makes an optimizer call through torch.ops or as fusedopt.ops makes it (directly from C++,
+Note [Direct calls] in csrc/module.cpp), and accepts exactly two outcomes:
 - RuntimeError / ValueError / TypeError, with every tensor passed keeping its bits;
 - success, with every step advanced by one (none if found_inf was set and non-zero); for the dropout ops,
   outputs of the input's shape and the inputs unchanged (but dropout_'s own input).
@@ -24,6 +25,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 import fusedopt._ext  # noqa: F401  (registers torch.ops.fusedopt.*)
+from fusedopt import _C
 
 OPS = torch.ops.fusedopt
 STATE_LISTS = {"sgd": 1, "adagrad": 1, "rmsprop": 3, "adam": 3}
@@ -282,10 +284,10 @@ def bits(x):
     return x.reshape(-1).clone(memory_format=torch.contiguous_format).view(torch.uint8)
 
 
-def run(op, args, kw, isa, last_call):
+def run(op, args, kw, isa, last_call, direct):
     if last_call:
         with open(last_call, "w") as f:
-            f.write(describe(op, args, kw, isa) + "\n")
+            f.write(("direct " if direct else "") + describe(op, args, kw, isa) + "\n")
             f.flush()
             os.fsync(f.fileno())
     os.environ["FUSEDOPT_CPU_ISA"] = isa
@@ -293,8 +295,11 @@ def run(op, args, kw, isa, last_call):
     before = [bits(x) for x in tensors]
     steps_before = [s.detach().clone() if isinstance(s, torch.Tensor) else None for s in args[-2]]
     try:
-        name, _, overload = op.partition(".")
-        getattr(getattr(OPS, name), overload or "default")(*args, **kw)
+        # As fusedopt.ops calls them: directly from C++ (Note [Direct calls] in csrc/module.cpp), or through
+        # torch.ops where the direct call declines.
+        if not direct or _C._call(op, tuple(args), dict(kw)) is NotImplemented:
+            name, _, overload = op.partition(".")
+            getattr(getattr(OPS, name), overload or "default")(*args, **kw)
     except ALLOWED as e:
         for j, (x, b) in enumerate(zip(tensors, before)):
             assert b is None or torch.equal(bits(x), b), f"a failed call modified tensor {j}"
@@ -348,7 +353,7 @@ def main():
             outcomes[run_dropout(op, args, isa, a.last_call)] += 1
             return
         op, args, kw, isa = optimizer_call(data.draw, isas)
-        outcomes[run(op, args, kw, isa, a.last_call)] += 1
+        outcomes[run(op, args, kw, isa, a.last_call, data.draw(st.booleans(), label="direct call"))] += 1
 
     if a.seed is not None:
         fuzz = seed(a.seed)(fuzz)

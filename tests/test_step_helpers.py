@@ -1,5 +1,5 @@
 """The C++ helpers of the optimizers' step (csrc/module.cpp): _grads and _contiguous give what Python gives,
-and _hold (Note [Held operands]) leaves no reference behind."""
+and a step leaves no reference behind (its op calls borrow the tensors: Note [Direct calls])."""
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -63,19 +63,9 @@ def test_torch_function_mode_sees_the_reads():
         assert mode.calls == python_calls > 0
 
 
-def test_hold_references_until_dropped():
-    a, b = torch.randn(2), torch.randn(3)
-    held = _C._hold([[a, b, a], [0, 1], []])
-    assert (a._use_count(), b._use_count()) == (3, 2)
-    del held
-    assert (a._use_count(), b._use_count()) == (1, 1)
-    with pytest.raises(TypeError, match="_hold"):
-        _C._hold([1])
-
-
 @pytest.mark.parametrize("cls", [fusedopt.SGD, fusedopt.Adagrad, fusedopt.RMSprop, fusedopt.Adam])
 def test_step_leaves_no_reference(cls):
-    """A step holds its operands (Note [Held operands]) only while the op runs."""
+    """A step takes no reference to a tensor that it does not give back."""
     params = [torch.randn(s, requires_grad=True) for s in [(5,), (3, 4), (1,)]]
     opt = cls(params, lr=0.1, **({"momentum": 0.9} if cls is fusedopt.SGD else {}))
     for _ in range(3):

@@ -146,8 +146,8 @@ class FusedOptimizer(Optimizer):
         first = 0  # state_dict number of the group's first parameter
         for gi, group in enumerate(self.param_groups):
             params = group["params"]
-            # Note [Gradients from C++] and Note [Held operands] in csrc/module.cpp; torch.compile traces the
-            # Python forms (its graph holds the op alone).
+            # Note [Gradients from C++] in csrc/module.cpp; torch.compile traces the Python forms (its graph
+            # holds the op alone).
             grads = [p.grad for p in params] if compiling else _C._grads(params)
             spec = self._buffers(group)
             key = (tuple(map(operator.is_not, grads, itertools.repeat(None))), tuple(spec), first,
@@ -174,10 +174,8 @@ class FusedOptimizer(Optimizer):
                 if device not in amp:
                     amp[device] = [None if t is None else t.to(device=device, dtype=torch.float32)
                                    for t in (grad_scale, found_inf)]
-                held = None if compiling else _C._hold(op_lists)
                 self._op(*op_lists, **options, stochastic_rounding=rounding and dtype is torch.bfloat16,
                          grad_scale=amp[device][0], found_inf=amp[device][1])
-                del held
                 for t, c in copies:
                     t.copy_(c)
             first += len(params)

@@ -172,15 +172,64 @@ inline KernelLr kernel_lr(const char* op, const at::Tensor& lr, at::TensorList p
 
 }  // namespace fusedopt
 
+namespace fusedopt {
+
+// The C++ signatures of the optimizer ops (the schemas of
+// csrc/registration.cpp), with lr a double or, in the `.tensor_lr` overload,
+// a tensor. Every device implements them (FUSEDOPT_IMPL_OPTIMIZERS checks that
+// at compile time), the Autograd kernel (csrc/autograd.cpp) takes them
+// unboxed, and csrc/module.cpp calls them from Python (Note [Direct calls]).
+template <typename Lr>
+using SgdOp = void(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                   at::TensorList steps, at::IntArrayRef indices, Lr lr, double momentum, double dampening,
+                   bool nesterov, bool ema_momentum, double weight_decay, double l1_decay, bool decoupled,
+                   bool maximize, double grad_keep_prob, int64_t grad_mask_seed, bool stochastic_rounding,
+                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
+template <typename Lr>
+using AdagradOp = void(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList steps,
+                       at::IntArrayRef indices, Lr lr, double lr_decay, double eps, double weight_decay,
+                       double l1_decay, bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed,
+                       bool stochastic_rounding, const std::optional<at::Tensor>& grad_scale,
+                       const std::optional<at::Tensor>& found_inf);
+template <typename Lr>
+using RmspropOp = void(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
+                       at::TensorList grad_avgs, at::TensorList momentum_buffers, at::TensorList steps,
+                       at::IntArrayRef indices, Lr lr, double alpha, double eps, double momentum, bool centered,
+                       double weight_decay, double l1_decay, bool decoupled, bool maximize, double grad_keep_prob,
+                       int64_t grad_mask_seed, bool stochastic_rounding, const std::optional<at::Tensor>& grad_scale,
+                       const std::optional<at::Tensor>& found_inf);
+template <typename Lr>
+using AdamOp = void(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                    at::TensorList max_exp_avg_sqs, at::TensorList steps, at::IntArrayRef indices, Lr lr,
+                    double beta1, double beta2, double eps, bool amsgrad, bool eps_inside_sqrt, double weight_decay,
+                    double l1_decay, bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed,
+                    bool stochastic_rounding, const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf);
+
+}  // namespace fusedopt
+
+// X(signature, name, overload) for every optimizer op overload.
+#define FUSEDOPT_FOR_EACH_OPTIMIZER_OP(X)                             \
+  X(::fusedopt::SgdOp<double>, "sgd_", "")                            \
+  X(::fusedopt::SgdOp<const at::Tensor&>, "sgd_", "tensor_lr")        \
+  X(::fusedopt::AdagradOp<double>, "adagrad_", "")                    \
+  X(::fusedopt::AdagradOp<const at::Tensor&>, "adagrad_", "tensor_lr") \
+  X(::fusedopt::RmspropOp<double>, "rmsprop_", "")                    \
+  X(::fusedopt::RmspropOp<const at::Tensor&>, "rmsprop_", "tensor_lr") \
+  X(::fusedopt::AdamOp<double>, "adam_", "")                          \
+  X(::fusedopt::AdamOp<const at::Tensor&>, "adam_", "tensor_lr")
+
 // Registers a device's optimizer ops, functions sgd_, adagrad_, rmsprop_ and
 // adam_ templated on the lr type, under PREFIX + name and its `.tensor_lr`
-// overload (Note [Tensor lr]).
-#define FUSEDOPT_IMPL_OPTIMIZERS(m, PREFIX)                                    \
-  m.impl(PREFIX "sgd_", &sgd_<double>);                                        \
-  m.impl(PREFIX "sgd_.tensor_lr", &sgd_<const at::Tensor&>);                   \
-  m.impl(PREFIX "adagrad_", &adagrad_<double>);                                \
-  m.impl(PREFIX "adagrad_.tensor_lr", &adagrad_<const at::Tensor&>);           \
-  m.impl(PREFIX "rmsprop_", &rmsprop_<double>);                                \
-  m.impl(PREFIX "rmsprop_.tensor_lr", &rmsprop_<const at::Tensor&>);           \
-  m.impl(PREFIX "adam_", &adam_<double>);                                      \
-  m.impl(PREFIX "adam_.tensor_lr", &adam_<const at::Tensor&>)
+// overload (Note [Tensor lr]); the casts check their signatures.
+#define FUSEDOPT_IMPL_OPTIMIZERS(m, PREFIX)                                                          \
+  m.impl(PREFIX "sgd_", static_cast<::fusedopt::SgdOp<double>*>(&sgd_<double>));                     \
+  m.impl(PREFIX "sgd_.tensor_lr", static_cast<::fusedopt::SgdOp<const at::Tensor&>*>(&sgd_<const at::Tensor&>)); \
+  m.impl(PREFIX "adagrad_", static_cast<::fusedopt::AdagradOp<double>*>(&adagrad_<double>));         \
+  m.impl(PREFIX "adagrad_.tensor_lr",                                                                \
+         static_cast<::fusedopt::AdagradOp<const at::Tensor&>*>(&adagrad_<const at::Tensor&>));      \
+  m.impl(PREFIX "rmsprop_", static_cast<::fusedopt::RmspropOp<double>*>(&rmsprop_<double>));         \
+  m.impl(PREFIX "rmsprop_.tensor_lr",                                                                \
+         static_cast<::fusedopt::RmspropOp<const at::Tensor&>*>(&rmsprop_<const at::Tensor&>));      \
+  m.impl(PREFIX "adam_", static_cast<::fusedopt::AdamOp<double>*>(&adam_<double>));                  \
+  m.impl(PREFIX "adam_.tensor_lr", static_cast<::fusedopt::AdamOp<const at::Tensor&>*>(&adam_<const at::Tensor&>))
