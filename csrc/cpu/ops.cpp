@@ -11,10 +11,7 @@
 namespace fusedopt::cpu {
 namespace {
 
-double read_scalar(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? *static_cast<const double*>(t.data_ptr())
-                                        : *static_cast<const float*>(t.data_ptr());
-}
+double read_scalar(const at::Tensor& t) { return scalar_value(t.data_ptr(), t.scalar_type() == at::kDouble); }
 
 // AMP and steps (DESIGN.md §4 step 1): a set found_inf changes nothing; else
 // each tensor's step advances and the kernel sees the new 1-based value.
@@ -32,7 +29,7 @@ bool begin_step(OptimizerCall<Hyper>& call, const std::optional<at::Tensor>& gra
   }
   for (size_t j = 0; j < call.tensors.size(); ++j) {
     TensorRef& t = call.tensors[j];
-    const double s = t.step_double ? *static_cast<const double*>(t.step_ptr) : *static_cast<const float*>(t.step_ptr);
+    const double s = scalar_value(t.step_ptr, t.step_double);
     TORCH_CHECK(s >= 0 && s < 1e15 && s == std::floor(s), "fusedopt: steps[", j,
                 "] must hold a non-negative whole number, got ", s);
     t.step = static_cast<int64_t>(s) + 1;

@@ -171,10 +171,10 @@ class Keeper {
       out[v * kLanes / 16] |= b << (4 * kLanes * v % 64);
     }
 #else
-    for (int k = 0; k < 16; ++k) {
-      const philox::Words w = philox::block(d_.seed, d_.offset, 16 * q0 + k);
-      for (int j = 0; j < 4; ++j) out[0] |= uint64_t(philox::keep(w.w[j], d_.threshold)) << (4 * k + j);
-    }
+    static_assert(kBatch == 1);
+    uint32_t w[64];
+    words(q0, w);
+    for (int e = 0; e < 64; ++e) out[0] |= uint64_t(philox::keep(w[e], d_.threshold)) << e;
 #endif
   }
 

@@ -23,6 +23,11 @@ struct TensorRef {
   int64_t index = 0;  // position in the optimizer's state numbering
 };
 
+// The value at p of a float64 (is_double) or float32 scalar: a step, an AMP tensor.
+FUSEDOPT_HD inline double scalar_value(const void* p, bool is_double) {
+  return is_double ? *static_cast<const double*>(p) : *static_cast<const float*>(p);
+}
+
 template <typename Hyper>
 struct OptimizerCall {
   std::vector<TensorRef> tensors;

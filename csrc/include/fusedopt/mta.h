@@ -209,10 +209,6 @@ FUSEDOPT_HD inline void store_group(T* p, const Group<T, G>& g) {
 #endif
 }
 
-FUSEDOPT_HD inline int64_t read_step(const void* p, bool dbl) {
-  return dbl ? static_cast<int64_t>(*static_cast<const double*>(p))
-             : static_cast<int64_t>(*static_cast<const float*>(p));
-}
 
 // Keep bits of elements i .. i + G - 1 of a gradient mask, bit e for element
 // i + e; i % 4 == 0.
@@ -267,7 +263,7 @@ FUSEDOPT_HD inline void optimizer_chunk(const A& a, int64_t block, int64_t tid, 
   const uint32_t info = tab.info[s];
   const int64_t begin = tab.first[s] + (block - tab.begin[s]) * tab.chunk;
   const int64_t end = begin + tab.chunk < tab.numel[s] ? begin + tab.chunk : tab.numel[s];
-  const int64_t t = read_step(tab.step[s], info & kDoubleStep) + 1;
+  const int64_t t = static_cast<int64_t>(scalar_value(tab.step[s], info & kDoubleStep)) + 1;
   const bool scaled = a.grad_scale != nullptr;
   math::Common common = a.common;
   if (a.lr != nullptr) common.lr = *a.lr;
