@@ -3,9 +3,9 @@ results and errors as torch.ops, through the same dispatcher (version counters, 
 reference left behind, and torch.ops wherever the direct call declines."""
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from _modes import Counting, Sub
 from fusedopt import _C, ops
 
 STATES = {"sgd_": ["momentum_buffers"], "adagrad_": ["state_sums"],
@@ -139,20 +139,6 @@ def test_dispatch_mode_sees_the_direct_call():
     torch.ops.fusedopt.adagrad_.default(*expected[0], **expected[1])
     for a, b in zip(_snapshot(lists), _snapshot(expected[0])):
         assert torch.equal(a, b)
-
-
-class Sub(torch.Tensor):
-    pass
-
-
-class Counting(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.calls += 1
-        return func(*args, **(kwargs or {}))
 
 
 DECLINED = {

@@ -2,24 +2,10 @@
 and a step leaves no reference behind (its op calls borrow the tensors: Note [Direct calls])."""
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 import fusedopt
+from _modes import Counting, Sub
 from fusedopt import _C
-
-
-class Sub(torch.Tensor):
-    """A subclass: its .grad and .is_contiguous() go through Python (__torch_function__)."""
-
-
-class Counting(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.calls += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _tensors():
