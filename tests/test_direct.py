@@ -186,3 +186,15 @@ def test_wrapper_falls_back_to_torch_ops():
     assert mode.calls > 0  # the op went through torch's __torch_function__ handling
     for a, b in zip(_snapshot(lists), _snapshot(expected[0])):
         assert torch.equal(a, b)
+
+
+def test_parameters_are_plain():
+    """nn.Parameter, what models hold, takes the direct call (THPVariable_CheckExact counts it as exact)."""
+    lists, options = _call("adam_")
+    expected = _call("adam_")
+    params = [torch.nn.Parameter(p) for p in lists[0]]
+    with torch.no_grad():
+        assert _C._call("adam_", (params, *lists[1:]), options) is None
+    torch.ops.fusedopt.adam_.default(*expected[0], **expected[1])
+    for a, b in zip(params, expected[0][0]):
+        assert torch.equal(a, b)
