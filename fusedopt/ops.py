@@ -13,7 +13,8 @@ parameter's number in the optimizer's state_dict (the gradient mask and rounding
 configuration does not use is passed empty. State lists hold the params' dtype, or float32 for float16/bfloat16
 params (Note [State dtype] in csrc/include/fusedopt/checks.h); `stochastic_rounding` stores bfloat16 params
 rounded stochastically (Note [Stochastic rounding] in csrc/include/fusedopt/math/round.h). The fakes let
-torch.compile trace the ops: they only check list lengths.
+torch.compile trace the ops: they only check list lengths. In eager mode the wrappers call the ops from C++
+without boxing their lists (Note [Direct calls] in csrc/module.cpp); under torch.compile, through torch.ops.
 """
 from typing import Optional, Union
 
@@ -44,12 +45,11 @@ def sgd_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tenso
          grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
     """SGD; momentum_buffers is empty when momentum == 0."""
     if params:  # with no tensor at all the dispatcher finds no kernel
-        _call(torch.ops.fusedopt.sgd_, "sgd_", (params, grads, momentum_buffers, steps, indices),
-            dict(lr=lr, momentum=momentum, dampening=dampening,
-            nesterov=nesterov, ema_momentum=ema_momentum, weight_decay=weight_decay, l1_decay=l1_decay,
-            decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, grad_keep_prob=grad_keep_prob,
-            grad_mask_seed=grad_mask_seed, stochastic_rounding=stochastic_rounding,
-            grad_scale=grad_scale, found_inf=found_inf))
+        _call(torch.ops.fusedopt.sgd_, "sgd_", (params, grads, momentum_buffers, steps, indices), dict(
+            lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, ema_momentum=ema_momentum,
+            weight_decay=weight_decay, l1_decay=l1_decay, decoupled_weight_decay=decoupled_weight_decay,
+            maximize=maximize, grad_keep_prob=grad_keep_prob, grad_mask_seed=grad_mask_seed,
+            stochastic_rounding=stochastic_rounding, grad_scale=grad_scale, found_inf=found_inf))
 
 
 def adagrad_(params: list[Tensor], grads: list[Tensor], state_sums: list[Tensor], steps: list[Tensor],
@@ -60,11 +60,11 @@ def adagrad_(params: list[Tensor], grads: list[Tensor], state_sums: list[Tensor]
              found_inf: Optional[Tensor] = None) -> None:
     """Adagrad."""
     if params:  # with no tensor at all the dispatcher finds no kernel
-        _call(torch.ops.fusedopt.adagrad_, "adagrad_", (params, grads, state_sums, steps, indices),
-            dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
-            l1_decay=l1_decay, decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
-            grad_keep_prob=grad_keep_prob, grad_mask_seed=grad_mask_seed, stochastic_rounding=stochastic_rounding,
-            grad_scale=grad_scale, found_inf=found_inf))
+        _call(torch.ops.fusedopt.adagrad_, "adagrad_", (params, grads, state_sums, steps, indices), dict(
+            lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay, l1_decay=l1_decay,
+            decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, grad_keep_prob=grad_keep_prob,
+            grad_mask_seed=grad_mask_seed, stochastic_rounding=stochastic_rounding, grad_scale=grad_scale,
+            found_inf=found_inf))
 
 
 def rmsprop_(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor], grad_avgs: list[Tensor],
@@ -76,11 +76,11 @@ def rmsprop_(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor
              found_inf: Optional[Tensor] = None) -> None:
     """RMSprop; grad_avgs is empty unless centered, momentum_buffers unless momentum > 0."""
     if params:  # with no tensor at all the dispatcher finds no kernel
-        _call(torch.ops.fusedopt.rmsprop_, "rmsprop_", (params, grads, square_avgs, grad_avgs, momentum_buffers, steps, indices),
-            dict(lr=lr, alpha=alpha, eps=eps,
-            momentum=momentum, centered=centered, weight_decay=weight_decay, l1_decay=l1_decay,
-            decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, grad_keep_prob=grad_keep_prob,
-            grad_mask_seed=grad_mask_seed, stochastic_rounding=stochastic_rounding,
+        lists = (params, grads, square_avgs, grad_avgs, momentum_buffers, steps, indices)
+        _call(torch.ops.fusedopt.rmsprop_, "rmsprop_", lists, dict(
+            lr=lr, alpha=alpha, eps=eps, momentum=momentum, centered=centered, weight_decay=weight_decay,
+            l1_decay=l1_decay, decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
+            grad_keep_prob=grad_keep_prob, grad_mask_seed=grad_mask_seed, stochastic_rounding=stochastic_rounding,
             grad_scale=grad_scale, found_inf=found_inf))
 
 
@@ -93,12 +93,12 @@ def adam_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
           grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
     """Adam / AdamW (decoupled_weight_decay=True); max_exp_avg_sqs is empty unless amsgrad."""
     if params:  # with no tensor at all the dispatcher finds no kernel
-        _call(torch.ops.fusedopt.adam_, "adam_", (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, indices),
-            dict(lr=lr, beta1=beta1, beta2=beta2,
-            eps=eps, amsgrad=amsgrad, eps_inside_sqrt=eps_inside_sqrt, weight_decay=weight_decay, l1_decay=l1_decay,
-            decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, grad_keep_prob=grad_keep_prob,
-            grad_mask_seed=grad_mask_seed, stochastic_rounding=stochastic_rounding,
-            grad_scale=grad_scale, found_inf=found_inf))
+        lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, indices)
+        _call(torch.ops.fusedopt.adam_, "adam_", lists, dict(
+            lr=lr, beta1=beta1, beta2=beta2, eps=eps, amsgrad=amsgrad, eps_inside_sqrt=eps_inside_sqrt,
+            weight_decay=weight_decay, l1_decay=l1_decay, decoupled_weight_decay=decoupled_weight_decay,
+            maximize=maximize, grad_keep_prob=grad_keep_prob, grad_mask_seed=grad_mask_seed,
+            stochastic_rounding=stochastic_rounding, grad_scale=grad_scale, found_inf=found_inf))
 
 
 def stream_(a: Tensor, b: Tensor, s: float) -> None:
