@@ -4,6 +4,9 @@ paths' CPU stand-ins (the copy yardstick, graph-capture errors). The figures the
 `make bench` and benchmarks/gpu_check.sh, not here; the GPU presets are parsed, not run."""
 import json
 import math
+import platform
+import subprocess
+import sys
 import time
 
 import pytest
@@ -143,3 +146,33 @@ def test_budget_skips_what_would_start_late(tmp_path, monkeypatch):
     assert rc == 0 and data["skipped"] == ["c", "dropout"] and data["dropout"] == []
     assert {r["layout"] for r in data["optimizers"]} == {"a", "b"}
     assert "skipped (past 80% of the 200 s budget): c, dropout" in (tmp_path / "results.md").read_text()
+
+
+KEPT_RSS = """
+import sys, torch, fusedopt.bench as bench
+if sys.argv[1] == "keep":
+    bench.keep_pages()
+def rss():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) * 1024
+before = rss()
+x = torch.ones(16 * 2**20)  # 64 MB, above glibc's largest mmap threshold
+del x
+print(rss() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not platform.libc_ver()[0] == "glibc",
+                    reason="--keep-pages is for glibc's malloc")
+def test_keep_pages(tmp_path):
+    """--keep-pages (Note [Kept pages]): a freed 64 MB tensor stays in the process, where glibc's default
+    unmaps it; the run says which allocator it had."""
+    kept = {mode: int(subprocess.run([sys.executable, "-c", KEPT_RSS, mode], check=True, capture_output=True,
+                                     text=True).stdout) for mode in ("keep", "default")}
+    assert kept["keep"] > 60 * 2**20 and kept["default"] < 8 * 2**20, kept
+    out = subprocess.run([sys.executable, "-m", "fusedopt.bench", "--keep-pages", "--layouts", "t:100x3",
+                          "--optimizers", "sgd", "--reps", "2", "--quiet", "--no-dropout", "--out", str(tmp_path)],
+                         check=True, capture_output=True, text=True).stdout
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["machine"]["allocator"] == "pages kept (--keep-pages)" and "pages kept" in out
+    rc, data, md = run(tmp_path)
+    assert rc == 0 and data["machine"]["allocator"] == "system malloc" and md.splitlines()[0].endswith("system malloc")

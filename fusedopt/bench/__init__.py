@@ -14,6 +14,7 @@ results.json and results.md are rewritten after every row, so a run cut short ke
     fusedopt-bench --optimizers adam --layouts gpt2-small --reps 20
     fusedopt-bench --optimizers adam,adam-masked --layouts single --no-dropout   # what gradient masking costs
     fusedopt-bench --layouts mix:4096x100+17x3000 --dtype bfloat16
+    fusedopt-bench --keep-pages          # freed memory kept for reuse (Note [Kept pages])
     fusedopt-bench --device cuda --layouts single-1e9,gpt-1b,many-small-10k --budget 200
 """
 import argparse
@@ -478,7 +479,7 @@ def report(machine, rows, drop_rows, skipped, bad):
     cuda = machine["device"].startswith("cuda")
     head = (f"fusedopt-bench on {machine['device_name']} ({machine['threads']} threads), torch {machine['torch']}, "
             f"{machine['dtype']}; median of {machine['reps']} interleaved steps; stream a+=s*b, timed with every "
-            f"row: {machine['stream_gb_s']:.1f} GB/s (median of rows)")
+            f"row: {machine['stream_gb_s']:.1f} GB/s (median of rows); {machine['allocator']}")
     if "copy_gb_s" in machine:
         head += f"; copy dst.copy_(src), read+write: {machine['copy_gb_s']:.1f} GB/s"
     lines = [head, "", *optimizer_tables(rows, cuda)]
@@ -519,6 +520,30 @@ def chart(rows, path):
     return True
 
 
+# Note [Kept pages]
+# glibc serves every allocation above 32 MB with a fresh mmap and unmaps it on free, so each large tensor a
+# step or a dropout call allocates is faulted in again, page by page, and zeroed by the kernel: on this
+# project's 2-core VM 13-27 ms for 64 MB, more than a pass over the data. torch's for-loop and foreach
+# optimizers allocate such temporaries on every step (RMSprop on 16.8M: 37 ms with fresh pages, 26 ms with
+# kept ones); dropout's output and gradient are fresh tensors too. --keep-pages makes glibc keep what is
+# freed (mallopt: no mmap, a 2 GB trim threshold), as jemalloc and tcmalloc (PyTorch's CPU tuning guide
+# recommends either) do, so the rows time the kernels rather than the page faults. Both implementations of
+# a row run under the same allocator either way.
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_pages():
+    """Makes glibc's malloc keep freed memory in the process (Note [Kept pages]); raises where it cannot."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except AttributeError:
+        raise SystemExit("--keep-pages: this C library has no mallopt (it needs glibc)") from None
+    if not (mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
+        raise SystemExit("--keep-pages: mallopt refused")
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="fusedopt-bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -537,6 +562,9 @@ def parse_args(argv):
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds: rows that would start after 80%% of this are skipped (results so far kept)")
     ap.add_argument("--no-dropout", action="store_true", help="skip the dropout section")
+    ap.add_argument("--keep-pages", action="store_true",
+                    help="glibc keeps freed memory, so large temporaries are not faulted in afresh on every "
+                         "step (as with jemalloc or tcmalloc)")
     ap.add_argument("--out", default="results", help="folder for results.json, results.md, results.png")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
@@ -565,6 +593,8 @@ def main(argv=None):
             raise SystemExit("--device cuda: torch sees no CUDA device")
         if not fusedopt._ext.HAS_CUDA_KERNELS:
             raise SystemExit("fusedopt was built without its CUDA kernels: build it with FUSEDOPT_CUDA=1")
+    if args.keep_pages:
+        keep_pages()
     if args.threads:
         torch.set_num_threads(args.threads)
     layouts = [parse_layout(l) for l in args.layouts]
@@ -578,6 +608,7 @@ def main(argv=None):
                "cuda": torch.version.cuda, "fusedopt_build": fusedopt._ext.BUILD, "dtype": str(args.dtype),
                "reps": args.reps, "tolerance": tolerance, "budget_s": args.budget,
                "graph_layouts": args.graph_layouts,
+               "allocator": "pages kept (--keep-pages)" if args.keep_pages else "system malloc",
                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     rows, drop_rows = [], []
     out = Path(args.out)
