@@ -1,12 +1,12 @@
 // The optimizer ops' Autograd kernel, for every device (Note [Optimizer ops
 // under autograd]).
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include <type_traits>
 
 #include "fusedopt/calls.h"
+#include "fusedopt/op_handle.h"
 
 namespace fusedopt {
 namespace {
@@ -33,8 +33,7 @@ template <typename... Args>
 struct Autograd<void(Args...)> {
   template <const char* Name, const char* Overload>
   static void kernel(c10::DispatchKeySet keys, Args... args) {
-    static const auto op =
-        c10::Dispatcher::singleton().findSchemaOrThrow(Name, Overload).template typed<void(Args...)>();
+    const auto& op = optimizer_op<void(Args...), Name, Overload>();
     const auto& schema = op.schema().arguments();
     const bool grad_mode = at::GradMode::is_enabled();
     size_t i = 0;
@@ -61,11 +60,10 @@ struct Autograd<void(Args...)> {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedopt, Autograd, m) {
-#define FUSEDOPT_IMPL_AUTOGRAD(SIG, NAME, OVERLOAD)                                                      \
-  {                                                                                                      \
-    static constexpr char name[] = "fusedopt::" NAME, overload[] = OVERLOAD;                             \
-    m.impl(sizeof(OVERLOAD) > 1 ? NAME "." OVERLOAD : NAME,                                              \
-           TORCH_FN((Autograd<SIG>::kernel<name, overload>)));                                           \
+#define FUSEDOPT_IMPL_AUTOGRAD(SIG, NAME, OVERLOAD)                            \
+  {                                                                            \
+    FUSEDOPT_OPTIMIZER_OP_NAMES(NAME, OVERLOAD);                               \
+    m.impl(registered, TORCH_FN((Autograd<SIG>::kernel<name, overload>)));     \
   }
   FUSEDOPT_FOR_EACH_OPTIMIZER_OP(FUSEDOPT_IMPL_AUTOGRAD)
 #undef FUSEDOPT_IMPL_AUTOGRAD

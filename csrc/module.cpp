@@ -4,7 +4,6 @@
 #include <Python.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <torch/csrc/Exceptions.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <optional>
@@ -15,6 +14,7 @@
 #include <vector>
 
 #include "fusedopt/calls.h"
+#include "fusedopt/op_handle.h"
 
 namespace {
 
@@ -226,8 +226,7 @@ using Direct = bool (*)(PyObject* lists, PyObject* options);
 
 template <typename Sig, const char* Name, const char* Overload>
 bool direct(PyObject* lists, PyObject* options) {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(Name, Overload).template typed<Sig>();
-  return call_direct(op, lists, options);
+  return call_direct(fusedopt::optimizer_op<Sig, Name, Overload>(), lists, options);
 }
 
 PyObject* call(PyObject*, PyObject* args) {
@@ -238,10 +237,10 @@ PyObject* call(PyObject*, PyObject* args) {
   if (!PyArg_ParseTuple(args, "sO!O!", &name, &PyTuple_Type, &lists, &PyDict_Type, &options)) return nullptr;
   static const std::unordered_map<std::string, Direct> ops = [] {
     std::unordered_map<std::string, Direct> m;
-#define FUSEDOPT_DIRECT(SIG, NAME, OVERLOAD)                                     \
-  {                                                                              \
-    static constexpr char name[] = "fusedopt::" NAME, overload[] = OVERLOAD;     \
-    m[sizeof(OVERLOAD) > 1 ? NAME "." OVERLOAD : NAME] = &direct<SIG, name, overload>; \
+#define FUSEDOPT_DIRECT(SIG, NAME, OVERLOAD)       \
+  {                                                \
+    FUSEDOPT_OPTIMIZER_OP_NAMES(NAME, OVERLOAD);   \
+    m[registered] = &direct<SIG, name, overload>;  \
   }
     FUSEDOPT_FOR_EACH_OPTIMIZER_OP(FUSEDOPT_DIRECT)
 #undef FUSEDOPT_DIRECT
