@@ -3,6 +3,9 @@
 // math/dropout.h on op-math vectors, scalar tails. Every element's result is
 // a pure function of its index, so nothing depends on the thread count.
 #include "../vec.h"  // first: Note [Rule bodies]
+
+#include <array>
+
 #include "../loop.h"
 #include "../philox_vec.h"
 #include "fusedopt/math/dropout.h"
@@ -75,15 +78,38 @@ void fence(bool stream) {
 
 Draw draw_of(const DropoutCall& c) { return {c.seed, c.offset, c.threshold}; }
 
+// An array a kernel reads in element order, `elem` bytes an element.
+struct Walk {
+  const void* p;
+  int64_t elem;
+};
+
+// Prefetches the lines that groups [q, q + kBatch) of w read, shifted
+// kPrefetchBytes ahead, up to group `end`. Note [Prefetch ahead] holds here
+// as in the optimizers' element loop: a batch's Philox draw fills the reorder
+// window, and the loads after it waited. Measured here (2 threads, pages
+// kept): bf16 8x1024x4096 in place 11.4 -> 9.9 ms, bias_dropout_add 15-16 ->
+// 11.9 ms; fp32 4096x4096 bias_dropout_add 9.7 -> 7.2-8.2 ms, dropout 7.2-7.6 ->
+// 6.9 ms. Read prefetches: write ones were no faster in place; 2 KB ahead did
+// as well as 4 or 8 KB, or better.
+void prefetch_batch(const Walk& w, int64_t q, int64_t end) {
+  const char* base = static_cast<const char*>(w.p);
+  const int64_t last = 64 * end * w.elem;
+  for (int64_t b = 64 * q * w.elem + kPrefetchBytes, e = b + 64 * kBatch * w.elem; b < e && b < last; b += 64)
+    __builtin_prefetch(base + b);
+}
+
 // Runs fn(q, bits) for every 64-element group q of [0, n) in parallel, with
 // the group's keep bits; `stream`: fn streams its stores (fenced per task).
-template <typename F>
-void for_each_group(const DropoutCall& c, bool stream, const F& fn) {
+// The arrays of `walks` are prefetched ahead.
+template <size_t K, typename F>
+void for_each_group(const DropoutCall& c, bool stream, const std::array<Walk, K>& walks, const F& fn) {
   const Draw d = draw_of(c);
   at::parallel_for(0, (c.n + 63) / 64, kGroupsPerTask, [&](int64_t lo, int64_t hi) {
     const Keeper keeper(d);
     uint64_t bits[kBatch];
     for (int64_t q = lo; q < hi; q += kBatch) {
+      for (const Walk& w : walks) prefetch_batch(w, q, hi);
       keeper.batch(static_cast<uint64_t>(q), bits);
       for (int64_t j = 0; j < kBatch && q + j < hi; ++j) fn(q + j, bits[j]);
     }
@@ -100,7 +126,8 @@ void dropout_typed(const DropoutCall& c) {
   const auto* x = static_cast<const scalar_t*>(c.x);
   auto* y = static_cast<scalar_t*>(c.y);
   const bool stream = streams(y, c.n, sizeof(scalar_t));
-  for_each_group(c, stream, [&](int64_t q, uint64_t bits) {
+  const std::array walks{Walk{x, sizeof(scalar_t)}};
+  for_each_group(c, stream, walks, [&](int64_t q, uint64_t bits) {
     const int64_t i0 = 64 * q;
     if (i0 + 64 <= c.n) {
       for (int k = 0; k < 64; k += W)
@@ -125,7 +152,8 @@ void bias_dropout_add_typed(const DropoutCall& c) {
   auto* y = static_cast<scalar_t*>(c.y);
   const int64_t h = c.h;
   const bool stream = streams(y, c.n, sizeof(scalar_t));
-  for_each_group(c, stream, [&](int64_t q, uint64_t bits) {
+  const std::array walks{Walk{x, sizeof(scalar_t)}, Walk{res, sizeof(scalar_t)}};
+  for_each_group(c, stream, walks, [&](int64_t q, uint64_t bits) {
     const int64_t i0 = 64 * q;
     int64_t col = i0 % h;
     if (i0 + 64 <= c.n) {
@@ -222,7 +250,7 @@ void bias_dropout_add_backward(const DropoutCall& c) {
 // bytes, little-endian.
 void keep_bits(const DropoutCall& c, uint8_t* out) {
   const int64_t bytes = (c.n + 7) / 8;
-  for_each_group(c, false, [&](int64_t q, uint64_t bits) {
+  for_each_group(c, false, std::array<Walk, 0>{}, [&](int64_t q, uint64_t bits) {
     const int64_t b0 = 8 * q;
     if (64 * q + 64 > c.n) bits &= (uint64_t(1) << (c.n - 64 * q)) - 1;  // no bits past the end
     for (int64_t j = b0; j < std::min(bytes, b0 + 8); ++j) out[j] = static_cast<uint8_t>(bits >> (8 * (j - b0)));
