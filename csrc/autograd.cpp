@@ -60,10 +60,10 @@ struct Autograd<void(Args...)> {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedopt, Autograd, m) {
-#define FUSEDOPT_IMPL_AUTOGRAD(SIG, NAME, OVERLOAD)                            \
-  {                                                                            \
-    FUSEDOPT_OPTIMIZER_OP_NAMES(NAME, OVERLOAD);                               \
-    m.impl(registered, TORCH_FN((Autograd<SIG>::kernel<name, overload>)));     \
+#define FUSEDOPT_IMPL_AUTOGRAD(OP, FN, LR, NAME, OVERLOAD)                          \
+  {                                                                              \
+    FUSEDOPT_OPTIMIZER_OP_NAMES(NAME, OVERLOAD);                                 \
+    m.impl(registered, TORCH_FN((Autograd<OP<LR>>::kernel<name, overload>)));    \
   }
   FUSEDOPT_FOR_EACH_OPTIMIZER_OP(FUSEDOPT_IMPL_AUTOGRAD)
 #undef FUSEDOPT_IMPL_AUTOGRAD

@@ -237,10 +237,10 @@ PyObject* call(PyObject*, PyObject* args) {
   if (!PyArg_ParseTuple(args, "sO!O!", &name, &PyTuple_Type, &lists, &PyDict_Type, &options)) return nullptr;
   static const std::unordered_map<std::string, Direct> ops = [] {
     std::unordered_map<std::string, Direct> m;
-#define FUSEDOPT_DIRECT(SIG, NAME, OVERLOAD)       \
-  {                                                \
-    FUSEDOPT_OPTIMIZER_OP_NAMES(NAME, OVERLOAD);   \
-    m[registered] = &direct<SIG, name, overload>;  \
+#define FUSEDOPT_DIRECT(OP, FN, LR, NAME, OVERLOAD)            \
+  {                                                           \
+    FUSEDOPT_OPTIMIZER_OP_NAMES(NAME, OVERLOAD);              \
+    m[registered] = &direct<::fusedopt::OP<LR>, name, overload>; \
   }
     FUSEDOPT_FOR_EACH_OPTIMIZER_OP(FUSEDOPT_DIRECT)
 #undef FUSEDOPT_DIRECT

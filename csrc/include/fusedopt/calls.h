@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <optional>
+#include <string>
 
 #include "fusedopt/checks.h"
 #include "fusedopt/math/adagrad.h"
@@ -57,8 +58,8 @@ inline OptimizerCall<math::SgdHyper> sgd_call(
   TORCH_CHECK(!ema_momentum || dampening == 0, "fusedopt: ema_momentum requires dampening=0");
   TORCH_CHECK(!(nesterov && ema_momentum), "fusedopt: nesterov and ema_momentum are exclusive");
   call.hyper = {momentum, dampening, nesterov, ema_momentum};
-  gather("sgd_", call, params, grads, {{"momentum_buffers", momentum_buffers, momentum != 0}}, steps,
-                        indices, grad_scale, found_inf, device_type);
+  gather("sgd_", call, params, grads, {{"momentum_buffers", momentum_buffers, momentum != 0}}, steps, indices,
+         grad_scale, found_inf, device_type);
   return call;
 }
 
@@ -75,8 +76,8 @@ inline OptimizerCall<math::AdagradHyper> adagrad_call(
   check_hyper(std::isfinite(lr_decay) && lr_decay >= 0, "lr_decay", lr_decay);
   check_hyper(std::isfinite(eps) && eps >= 0, "eps", eps);
   call.hyper = {lr_decay, eps};
-  gather("adagrad_", call, params, grads, {{"state_sums", state_sums, true}}, steps, indices,
-                        grad_scale, found_inf, device_type);
+  gather("adagrad_", call, params, grads, {{"state_sums", state_sums, true}}, steps, indices, grad_scale,
+         found_inf, device_type);
   return call;
 }
 
@@ -95,10 +96,10 @@ inline OptimizerCall<math::RmspropHyper> rmsprop_call(
   check_hyper(std::isfinite(momentum) && momentum >= 0, "momentum", momentum);
   call.hyper = {alpha, eps, momentum, centered};
   gather("rmsprop_", call, params, grads,
-                        {{"square_avgs", square_avgs, true},
-                         {"grad_avgs", grad_avgs, centered},
-                         {"momentum_buffers", momentum_buffers, momentum > 0}},
-                        steps, indices, grad_scale, found_inf, device_type);
+         {{"square_avgs", square_avgs, true},
+          {"grad_avgs", grad_avgs, centered},
+          {"momentum_buffers", momentum_buffers, momentum > 0}},
+         steps, indices, grad_scale, found_inf, device_type);
   return call;
 }
 
@@ -118,10 +119,10 @@ inline OptimizerCall<math::AdamHyper> adam_call(
   check_hyper(std::isfinite(eps) && eps >= 0, "eps", eps);
   call.hyper = {beta1, beta2, eps, amsgrad, eps_inside_sqrt};
   gather("adam_", call, params, grads,
-                        {{"exp_avgs", exp_avgs, true},
-                         {"exp_avg_sqs", exp_avg_sqs, true},
-                         {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}},
-                        steps, indices, grad_scale, found_inf, device_type);
+         {{"exp_avgs", exp_avgs, true},
+          {"exp_avg_sqs", exp_avg_sqs, true},
+          {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}},
+         steps, indices, grad_scale, found_inf, device_type);
   return call;
 }
 
@@ -208,28 +209,34 @@ using AdamOp = void(at::TensorList params, at::TensorList grads, at::TensorList 
 
 }  // namespace fusedopt
 
-// X(signature, name, overload) for every optimizer op overload.
-#define FUSEDOPT_FOR_EACH_OPTIMIZER_OP(X)                             \
-  X(::fusedopt::SgdOp<double>, "sgd_", "")                            \
-  X(::fusedopt::SgdOp<const at::Tensor&>, "sgd_", "tensor_lr")        \
-  X(::fusedopt::AdagradOp<double>, "adagrad_", "")                    \
-  X(::fusedopt::AdagradOp<const at::Tensor&>, "adagrad_", "tensor_lr") \
-  X(::fusedopt::RmspropOp<double>, "rmsprop_", "")                    \
-  X(::fusedopt::RmspropOp<const at::Tensor&>, "rmsprop_", "tensor_lr") \
-  X(::fusedopt::AdamOp<double>, "adam_", "")                          \
-  X(::fusedopt::AdamOp<const at::Tensor&>, "adam_", "tensor_lr")
+// X(OP, FN, LR, NAME, OVERLOAD) for every optimizer op overload: signature
+// ::fusedopt::OP<LR>, implemented on each device by a function template FN
+// (FN<LR>), registered as NAME or, with an OVERLOAD, NAME.OVERLOAD.
+#define FUSEDOPT_FOR_EACH_OPTIMIZER_OP(X)                                 \
+  X(SgdOp, sgd_, double, "sgd_", "")                                      \
+  X(SgdOp, sgd_, const at::Tensor&, "sgd_", "tensor_lr")                  \
+  X(AdagradOp, adagrad_, double, "adagrad_", "")                          \
+  X(AdagradOp, adagrad_, const at::Tensor&, "adagrad_", "tensor_lr")      \
+  X(RmspropOp, rmsprop_, double, "rmsprop_", "")                          \
+  X(RmspropOp, rmsprop_, const at::Tensor&, "rmsprop_", "tensor_lr")      \
+  X(AdamOp, adam_, double, "adam_", "")                                   \
+  X(AdamOp, adam_, const at::Tensor&, "adam_", "tensor_lr")
 
-// Registers a device's optimizer ops, functions sgd_, adagrad_, rmsprop_ and
-// adam_ templated on the lr type, under PREFIX + name and its `.tensor_lr`
-// overload (Note [Tensor lr]); the casts check their signatures.
-#define FUSEDOPT_IMPL_OPTIMIZERS(m, PREFIX)                                                          \
-  m.impl(PREFIX "sgd_", static_cast<::fusedopt::SgdOp<double>*>(&sgd_<double>));                     \
-  m.impl(PREFIX "sgd_.tensor_lr", static_cast<::fusedopt::SgdOp<const at::Tensor&>*>(&sgd_<const at::Tensor&>)); \
-  m.impl(PREFIX "adagrad_", static_cast<::fusedopt::AdagradOp<double>*>(&adagrad_<double>));         \
-  m.impl(PREFIX "adagrad_.tensor_lr",                                                                \
-         static_cast<::fusedopt::AdagradOp<const at::Tensor&>*>(&adagrad_<const at::Tensor&>));      \
-  m.impl(PREFIX "rmsprop_", static_cast<::fusedopt::RmspropOp<double>*>(&rmsprop_<double>));         \
-  m.impl(PREFIX "rmsprop_.tensor_lr",                                                                \
-         static_cast<::fusedopt::RmspropOp<const at::Tensor&>*>(&rmsprop_<const at::Tensor&>));      \
-  m.impl(PREFIX "adam_", static_cast<::fusedopt::AdamOp<double>*>(&adam_<double>));                  \
-  m.impl(PREFIX "adam_.tensor_lr", static_cast<::fusedopt::AdamOp<const at::Tensor&>*>(&adam_<const at::Tensor&>))
+// In a block, for an entry of FUSEDOPT_FOR_EACH_OPTIMIZER_OP: `registered`,
+// the name m.impl takes (NAME or NAME.OVERLOAD).
+#define FUSEDOPT_REGISTERED_NAME(NAME, OVERLOAD) \
+  constexpr const char* registered = sizeof(OVERLOAD) > 1 ? NAME "." OVERLOAD : NAME
+
+// Registers a device's optimizer ops, the function templates FN of
+// FUSEDOPT_FOR_EACH_OPTIMIZER_OP in the calling namespace, under PREFIX + the
+// registered name (Note [Tensor lr]); the casts check their signatures.
+#define FUSEDOPT_IMPL_OPTIMIZER(OP, FN, LR, NAME, OVERLOAD) \
+  {                                                         \
+    FUSEDOPT_REGISTERED_NAME(NAME, OVERLOAD);               \
+    impl(registered, static_cast<::fusedopt::OP<LR>*>(&FN<LR>)); \
+  }
+#define FUSEDOPT_IMPL_OPTIMIZERS(m, PREFIX)                                                     \
+  {                                                                                             \
+    auto impl = [&m](const char* name, auto* fn) { m.impl((std::string(PREFIX) + name).c_str(), fn); }; \
+    FUSEDOPT_FOR_EACH_OPTIMIZER_OP(FUSEDOPT_IMPL_OPTIMIZER)                                     \
+  }

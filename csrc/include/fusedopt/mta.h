@@ -209,7 +209,6 @@ FUSEDOPT_HD inline void store_group(T* p, const Group<T, G>& g) {
 #endif
 }
 
-
 // Keep bits of elements i .. i + G - 1 of a gradient mask, bit e for element
 // i + e; i % 4 == 0.
 template <int G>

@@ -5,6 +5,8 @@
 // are known by.
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include "fusedopt/calls.h"
+
 namespace fusedopt {
 
 // The op `Name` ("fusedopt::sgd_"), overload `Overload` ("" or "tensor_lr"),
@@ -17,9 +19,9 @@ const c10::TypedOperatorHandle<Sig>& optimizer_op() {
 
 }  // namespace fusedopt
 
-// In a block, for an entry (NAME, OVERLOAD) of FUSEDOPT_FOR_EACH_OPTIMIZER_OP:
-// `name` and `overload`, the template arguments of optimizer_op, and
-// `registered`, the name m.impl takes (NAME or NAME.OVERLOAD).
+// In a block, for an entry (.., NAME, OVERLOAD) of
+// FUSEDOPT_FOR_EACH_OPTIMIZER_OP: `name` and `overload`, the template
+// arguments of optimizer_op, and `registered` (FUSEDOPT_REGISTERED_NAME).
 #define FUSEDOPT_OPTIMIZER_OP_NAMES(NAME, OVERLOAD)                        \
   static constexpr char name[] = "fusedopt::" NAME, overload[] = OVERLOAD; \
-  constexpr const char* registered = sizeof(OVERLOAD) > 1 ? NAME "." OVERLOAD : NAME
+  FUSEDOPT_REGISTERED_NAME(NAME, OVERLOAD)
