@@ -23,13 +23,18 @@ constexpr int64_t kGroupsPerTask = kChunk / 64;
 // output too large to stay in the last-level cache with its input goes out
 // with non-temporal stores instead (measured here on 64 MB: 1.5x faster);
 // a smaller one stays cached for the next layer. The values are the same.
+// In place the output is the input: its lines are in the cache already, and
+// a non-temporal store to a cached line first evicts it (measured on Zen 3,
+// bf16 8x1024x4096 in place: 184 ms streamed against 26 ms for fp32, whose
+// 32-byte stores fare better), so an output that is an input is stored
+// ordinarily.
 constexpr int64_t kStreamBytes = int64_t(16) << 20;
 
-bool streams(const void* y, int64_t n, size_t elem) {
+bool streams(const void* y, const void* x, int64_t n, size_t elem) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-  return n * static_cast<int64_t>(elem) >= kStreamBytes && reinterpret_cast<uintptr_t>(y) % 64 == 0;
+  return y != x && n * static_cast<int64_t>(elem) >= kStreamBytes && reinterpret_cast<uintptr_t>(y) % 64 == 0;
 #else
-  (void)y, (void)n, (void)elem;
+  (void)y, (void)x, (void)n, (void)elem;
   return false;
 #endif
 }
@@ -125,7 +130,7 @@ void dropout_typed(const DropoutCall& c) {
   const S scale = static_cast<S>(c.scale);
   const auto* x = static_cast<const scalar_t*>(c.x);
   auto* y = static_cast<scalar_t*>(c.y);
-  const bool stream = streams(y, c.n, sizeof(scalar_t));
+  const bool stream = streams(y, x, c.n, sizeof(scalar_t));
   const std::array walks{Walk{x, sizeof(scalar_t)}};
   for_each_group(c, stream, walks, [&](int64_t q, uint64_t bits) {
     const int64_t i0 = 64 * q;
@@ -151,7 +156,7 @@ void bias_dropout_add_typed(const DropoutCall& c) {
   const auto* res = static_cast<const scalar_t*>(c.residual);
   auto* y = static_cast<scalar_t*>(c.y);
   const int64_t h = c.h;
-  const bool stream = streams(y, c.n, sizeof(scalar_t));
+  const bool stream = streams(y, x, c.n, sizeof(scalar_t));
   const std::array walks{Walk{x, sizeof(scalar_t)}, Walk{res, sizeof(scalar_t)}};
   for_each_group(c, stream, walks, [&](int64_t q, uint64_t bits) {
     const int64_t i0 = 64 * q;
