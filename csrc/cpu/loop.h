@@ -116,7 +116,8 @@ constexpr int64_t kPrefetchBytes = 2048;
 // partial vector last) of the k-th array as op-math; arrays whose bit is set
 // in `stores` are written back. Lists 0 and 1 (θ, g) hold scalar_t, the
 // others state_t (Note [State dtype]); with SR, θ is stored with stochastic
-// rounding.
+// rounding. When a list holds a half type, the main loop moves two vectors
+// per array and step (Note [Half pairs]) and runs the body on each.
 template <typename scalar_t, typename state_t, bool SR, int N, bool MASK, typename Body>
 inline void elementwise(void* const* ptr, int64_t begin, int64_t end, unsigned stores, const KeepDraw& draw,
                         const RoundDraw& round, const Body& rule_body) {
@@ -127,23 +128,29 @@ inline void elementwise(void* const* ptr, int64_t begin, int64_t end, unsigned s
   using S = typename VecIo<scalar_t>::S;
   static_assert(std::is_same_v<V, typename VecIo<state_t>::V>, "one op-math type for every list");
   constexpr int W = VecIo<scalar_t>::W;
-  // n lanes from element i: whole vectors (FULL, n == W) or the partial last one. Always inlined, so the
-  // main loop keeps the rule's constants in registers and its draw is the aligned whole-vector case.
-  auto block = [&]<bool FULL>(int64_t i, int n) __attribute__((always_inline)) {
-    V x[N];
+  constexpr int U = sizeof(scalar_t) < sizeof(S) || sizeof(state_t) < sizeof(S) ? 2 : 1;
+  // M vectors from element i, with n lanes in the last: whole vectors (FULL, n == W) or one partial
+  // vector (M == 1). Always inlined, so the main loop keeps the rule's constants in registers and its
+  // draw is the aligned whole-vector case.
+  auto block = [&]<int M, bool FULL>(int64_t i, int n) __attribute__((always_inline)) {
+    static_assert(FULL || M == 1);
+    V x[M][N];
     for_each_list<N>([&]<int K>() {
       using T = std::conditional_t<(K < 2), scalar_t, state_t>;
       const T* p = static_cast<const T*>(ptr[K]) + i;
-      x[K] = FULL ? VecIo<T>::load(p) : VecIo<T>::load(p, n);
+      if constexpr (M == 2) VecIo<T>::load2(p, x[0][K], x[1][K]);
+      else x[0][K] = FULL ? VecIo<T>::load(p) : VecIo<T>::load(p, n);
     });
-    V keep(S(1));
-    if constexpr (MASK) {
-      S bits[W];
-      if constexpr (!FULL) std::fill(bits, bits + W, S(0));
-      draw.fill(bits, i, FULL ? W : n);
-      keep = V::loadu(bits);
+    for (int m = 0; m < M; ++m) {
+      V keep(S(1));
+      if constexpr (MASK) {
+        S bits[W];
+        if constexpr (!FULL) std::fill(bits, bits + W, S(0));
+        draw.fill(bits, i + m * W, FULL ? W : n);
+        keep = V::loadu(bits);
+      }
+      body(x[m], keep);
     }
-    body(x, keep);
     for_each_list<N>([&]<int K>() {
       using T = std::conditional_t<(K < 2), scalar_t, state_t>;
       if (!(stores >> K & 1u)) return;
@@ -151,24 +158,30 @@ inline void elementwise(void* const* ptr, int64_t begin, int64_t end, unsigned s
       if constexpr (K == 0 && SR) {
         // Vectors start at multiples of W (chunks at multiples of kChunk), W divides a batch.
         static_assert(HalfCache::kHalves % W == 0 && kChunk % W == 0);
-        store_stochastic(p, x[K], round.at(i), FULL ? W : n);
+        for (int m = 0; m < M; ++m) store_stochastic(p + m * W, x[m][K], round.at(i + m * W), FULL ? W : n);
+      } else if constexpr (M == 2) {
+        VecIo<T>::store2(p, x[0][K], x[1][K]);
       } else if constexpr (FULL) {
-        VecIo<T>::store(p, x[K]);
+        VecIo<T>::store(p, x[0][K]);
       } else {
-        VecIo<T>::store(p, x[K], n);
+        VecIo<T>::store(p, x[0][K], n);
       }
     });
   };
   int64_t i = begin;
-  for (; i + W <= end; i += W) {
+  for (; i + U * W <= end; i += U * W) {
     for_each_list<N>([&]<int K>() {  // Note [Prefetch ahead]
       using T = std::conditional_t<(K < 2), scalar_t, state_t>;
       constexpr int64_t ahead = kPrefetchBytes / static_cast<int64_t>(sizeof(T));
       if (i + ahead < end) __builtin_prefetch(static_cast<const T*>(ptr[K]) + i + ahead, 1);
     });
-    block.template operator()<true>(i, W);
+    block.template operator()<U, true>(i, W);
   }
-  if (i < end) block.template operator()<false>(i, static_cast<int>(end - i));  // Note [Partial vector tail]
+  if (U == 2 && i + W <= end) {
+    block.template operator()<1, true>(i, W);
+    i += W;
+  }
+  if (i < end) block.template operator()<1, false>(i, static_cast<int>(end - i));  // Note [Partial vector tail]
 }
 
 // Runs an optimizer over a validated call. `rule(step, S{})` returns the
