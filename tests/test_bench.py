@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import fusedopt
 import fusedopt.bench as bench
@@ -111,6 +112,52 @@ def test_a_wrong_result_fails_the_run(tmp_path, monkeypatch, wrong):
     assert rc == 1
     assert [(m["optimizer"], m["layout"]) for m in data["mismatches"]] == [("sgd", "t")]
     assert "MISMATCH sgd / t" in md
+
+
+def test_a_torch_variant_that_skips_its_update_is_not_counted(tmp_path, monkeypatch):
+    """Note [Update check]: a torch variant whose probe update is off (here one that keeps whole 8-element
+    blocks unchanged, as torch 2.13's fused CPU SGD does in bf16) is marked wrong and left out of torch's
+    best, its row kept; the run passes while another variant agrees, and fails when none does."""
+    class SGD(torch.optim.SGD):
+        def __init__(self, params, skip=False, **kw):
+            super().__init__(params, **kw)
+            self.skip = skip
+
+        def step(self, closure=None):
+            params = [p for g in self.param_groups for p in g["params"]]
+            kept = [p.detach().clone() for p in params]
+            super().step(closure)
+            with torch.no_grad():
+                for p, k in zip(params, kept):
+                    whole = p.numel() // 8 * 8 if self.skip else 0
+                    p.view(-1)[:whole] = k.view(-1)[:whole]
+
+    monkeypatch.setattr(torch.optim, "SGD", SGD)
+    monkeypatch.setattr(bench, "TORCH_VARIANTS", {"torch for-loop": {"foreach": False},
+                                                  "torch skipping": {"foreach": False, "skip": True}})
+    rc, data, md = run(tmp_path, "--optimizers", "sgd")
+    assert rc == 0 and data["mismatches"] == []
+    rows = {r["impl"]: r for r in data["optimizers"]}
+    assert rows["torch skipping"]["wrong_update"] and rows["torch skipping"]["update_rel_err_vs_fusedopt"] > 0.9
+    assert not rows["torch for-loop"]["wrong_update"]
+    assert rows["fusedopt"]["speedup_vs_best_torch"] == pytest.approx(
+        rows["torch for-loop"]["median_ms"] / rows["fusedopt"]["median_ms"])
+    assert "| torch skipping (wrong step: update 100% off; not counted) |" in md
+
+    monkeypatch.setattr(bench, "TORCH_VARIANTS", {"torch skipping": {"foreach": False, "skip": True}})
+    rc, data, md = run(tmp_path, "--optimizers", "sgd")
+    assert rc == 1 and [m["optimizer"] for m in data["mismatches"]] == ["sgd"]
+    assert "| n/a |" in md
+
+
+def test_update_check_passes_torchs_correct_variants():
+    """The probe step of every torch variant that does the step agrees with fusedopt's far inside the 25%
+    bound, in float32 and in bfloat16 (where rounding of θ is a few percent of the update at most)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        for opt in ("adam", "adamw", "sgd", "adagrad", "rmsprop"):
+            errors = bench.update_errors(opt, dtype, torch.device("cpu"))
+            assert errors["torch for-loop"] < 0.05 and errors["torch foreach"] < 0.05, (dtype, opt, errors)
+            assert dtype != torch.float32 or all(e < 1e-6 for e in errors.values()), (opt, errors)
 
 
 def test_a_failing_fusedopt_step_is_a_row_and_fails_the_run(tmp_path, monkeypatch):

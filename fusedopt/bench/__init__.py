@@ -7,7 +7,9 @@ Every step is timed alone: on the CPU by the host clock; on CUDA by CUDA events 
 synchronisation (so its launch overhead counts), with the host time (until step() returns) beside it. The
 layouts named in --graph-layouts are also timed as CUDA-graph replays (device time alone). After the timed
 steps, each torch variant's parameters are compared with fusedopt's: a relative difference above the
-tolerance, or a NaN, makes the exit code 1. With --budget, a row that would start after 80% of it is skipped;
+tolerance, or a NaN, makes the exit code 1. Each torch variant's update on a small probe is also compared
+with fusedopt's: one that does not take the step (torch 2.13's fused CPU SGD in bf16 and fp16 skips it) is
+marked wrong and not counted as torch's best (Note [Update check]). With --budget, a row that would start after 80% of it is skipped;
 results.json and results.md are rewritten after every row, so a run cut short keeps what it finished.
 
     fusedopt-bench                       # the default run: ~1 minute on 2 cores
@@ -246,6 +248,47 @@ def max_rel_diffs(impls):
     return out
 
 
+# Note [Update check]
+# torch 2.13's fused CPU SGD in bfloat16 and float16 leaves every whole SIMD block of a parameter as it was
+# and writes garbage into the momentum buffer (pytorch/pytorch#191763, fixed after 2.13 by #192545): on
+# 16.8M bf16 parameters it "steps" in 0.6 ns per element because it does not do the work. The comparison of
+# the timed rows' parameters (max_rel_diffs) cannot see that: at the rows' learning rates an update is a few
+# units of rounding of θ. So each variant also steps a small probe with lr = 0.1 from the same start, and its
+# update θ_3 − θ_1 is compared with fusedopt's in the 2-norm; one more than a quarter off (rounding is a few
+# percent; skipping the update is 100%) or not finite did not take this step: its row says so and it is no
+# candidate for torch's best.
+PROBE_SHAPES = [(4099,), (1000,)]
+PROBE_LR = 0.1
+WRONG_UPDATE = 0.25
+
+
+def update_errors(opt, dtype, device):
+    """torch variant -> ‖Δθ − Δθ_fusedopt‖₂ / ‖Δθ_fusedopt‖₂ over two probe steps at lr 0.1 (Note [Update
+    check]); inf where the variant's update is not finite. Empty where fusedopt's own is not (the mismatch
+    check then reports it) or cannot be built."""
+    base = make_params(PROBE_SHAPES, dtype, device, seed=2)
+    impls, _ = candidates(opt, lambda: copies(base, False))
+    if "fusedopt" not in impls:
+        return {}
+    deltas = {}
+    for k, o in impls.items():
+        start = [p.detach().clone() for p in params_of(o)]
+        for group in o.param_groups:
+            group["lr"] = PROBE_LR
+        for _ in range(2):
+            o.step()
+        deltas[k] = torch.cat([(p.detach() - s).double().flatten() for p, s in zip(params_of(o), start)])
+    ours = deltas.pop("fusedopt")
+    norm = ours.norm().item()
+    if not math.isfinite(norm) or norm == 0:
+        return {}
+    out = {}
+    for k, d in deltas.items():
+        err = (d - ours).norm().item() / norm
+        out[k] = err if math.isfinite(err) else math.inf
+    return out
+
+
 def graph_times(impls, timer, reps, device):
     """(name -> seconds of each of `reps` replays of one step captured in a CUDA graph: device time alone,
     interleaved; name -> why it could not be captured). Each step is captured as torch's are: after a
@@ -302,6 +345,7 @@ def bench_optimizer(args, opt, layout, base, device, timer, yard, progress):
     # The same start and steps: a torch variant of the same rule agrees with fusedopt to rounding.
     diffs = max_rel_diffs(impls) if "fusedopt" in impls and not ours else {}
     del impls
+    updates = update_errors(opt, base[0].dtype, device) if not ours else {}
     replays, graph_errors = {}, {}
     if layout in args.graph_layouts:
         release(device)
@@ -315,7 +359,8 @@ def bench_optimizer(args, opt, layout, base, device, timer, yard, progress):
     head = {"optimizer": opt, "layout": layout, "tensors": len(base), "params": numel}
     medians = {k: statistics.median(v) for k, v in times.items()}
     graph_medians = {k: statistics.median(v) for k, v in replays.items()}
-    best_torch = min((m for k, m in medians.items() if k != "fusedopt"), default=float("nan"))
+    wrong = {k for k, e in updates.items() if not e <= WRONG_UPDATE}  # Note [Update check]
+    best_torch = min((m for k, m in medians.items() if k != "fusedopt" and k not in wrong), default=float("nan"))
     best_graph = min((m for k, m in graph_medians.items() if k != "fusedopt"), default=float("nan"))
     rows = [{**head, "impl": "fusedopt", "error": errors["fusedopt"]}] if "fusedopt" in errors else []
     for k, med in medians.items():
@@ -325,6 +370,9 @@ def bench_optimizer(args, opt, layout, base, device, timer, yard, progress):
                "speedup_vs_best_torch": best_torch / med if k == "fusedopt" else None}
         if k in diffs:
             row["max_rel_diff_vs_fusedopt"] = diffs[k]
+        if k in updates:
+            row["update_rel_err_vs_fusedopt"] = updates[k]
+            row["wrong_update"] = k in wrong
         if k in graph_medians:
             row.update(graph_ms=graph_medians[k] * 1e3, graph_gb_s=nbytes / graph_medians[k] / 1e9)
             if k == "fusedopt":
@@ -394,17 +442,21 @@ def bench_dropout(args, device, timer, yard, progress):
 def mismatches(rows, tolerance):
     """The (optimizer, layout, name -> difference) where fusedopt's parameters are not all finite, or agree
     with none of the torch variants that stayed finite: max relative difference (max_rel_diffs) above
-    `tolerance`. One variant suffices because in half precision torch's disagree among themselves (its fused
-    and for-loop SGD differ by several percent after a few steps; its for-loop and foreach Adam and RMSprop
-    overflow in float16)."""
-    diffs = {}
+    `tolerance`, or whose probe update none takes (Note [Update check]). One variant suffices because in
+    half precision torch's disagree among themselves (its fused CPU SGD skips updates; its for-loop and
+    foreach Adam and RMSprop overflow in float16)."""
+    diffs, updates = {}, {}
     for r in rows:
         if "max_rel_diff_vs_fusedopt" in r:
             diffs.setdefault((r["optimizer"], r["layout"]), {})[r["impl"]] = r["max_rel_diff_vs_fusedopt"]
+        if "update_rel_err_vs_fusedopt" in r:
+            updates.setdefault((r["optimizer"], r["layout"]), {})[r["impl"]] = r["update_rel_err_vs_fusedopt"]
     bad = []
     for (opt, layout), d in diffs.items():
         finite = [v for v in d.values() if math.isfinite(v)]
-        if any(map(math.isnan, d.values())) or finite and min(finite) > tolerance:
+        u = [v for v in updates.get((opt, layout), {}).values() if math.isfinite(v)]
+        if (any(map(math.isnan, d.values())) or finite and min(finite) > tolerance
+                or u and min(u) > WRONG_UPDATE):  # no finite torch variant takes fusedopt's probe step
             bad.append((opt, layout, d))
     return bad
 
@@ -422,7 +474,7 @@ def ms(x):
 
 
 def speedup(x):
-    return "" if x is None else f"{x:.2f}x"
+    return "" if x is None else "n/a" if math.isnan(x) else f"{x:.2f}x"
 
 
 def optimizer_tables(rows, host):
@@ -433,7 +485,9 @@ def optimizer_tables(rows, host):
                + ["GB/s", "stream GB/s", "% of stream"] + ["% of copy"] * copy + ["fusedopt speed-up"])
     lines, graphed = [], []
     for r in rows:
-        names = [r["optimizer"], f"{r['layout']} ({r['tensors']} tensors, {r['params'] / 1e6:.1f}M)", r["impl"]]
+        impl = r["impl"] + (f" (wrong step: update {r['update_rel_err_vs_fusedopt']:.0%} off; not counted)"
+                            if r.get("wrong_update") else "")
+        names = [r["optimizer"], f"{r['layout']} ({r['tensors']} tensors, {r['params'] / 1e6:.1f}M)", impl]
         if "error" in r:
             lines.append(names + [f"error: {r['error']}"] + [""] * (len(columns) - 4))
             continue
