@@ -9,8 +9,9 @@ layouts named in --graph-layouts are also timed as CUDA-graph replays (device ti
 steps, each torch variant's parameters are compared with fusedopt's: a relative difference above the
 tolerance, or a NaN, makes the exit code 1. Each torch variant's update on a small probe is also compared
 with fusedopt's: one that does not take the step (torch 2.13's fused CPU SGD in bf16 and fp16 skips it) is
-marked wrong and not counted as torch's best (Note [Update check]). With --budget, a row that would start after 80% of it is skipped;
-results.json and results.md are rewritten after every row, so a run cut short keeps what it finished.
+marked wrong and not counted as torch's best (Note [Update check]). With --budget, a row that would start
+after 80% of it is skipped; results.json and results.md are rewritten after every row, so a run cut short
+keeps what it finished.
 
     fusedopt-bench                       # the default run: ~1 minute on 2 cores
     fusedopt-bench --optimizers adam --layouts gpt2-small --reps 20
@@ -263,9 +264,9 @@ WRONG_UPDATE = 0.25
 
 
 def update_errors(opt, dtype, device):
-    """torch variant -> ‖Δθ − Δθ_fusedopt‖₂ / ‖Δθ_fusedopt‖₂ over two probe steps at lr 0.1 (Note [Update
-    check]); inf where the variant's update is not finite. Empty where fusedopt's own is not (the mismatch
-    check then reports it) or cannot be built."""
+    """torch variant -> ‖Δθ − Δθ_fusedopt‖₂ / ‖Δθ_fusedopt‖₂ over two probe steps at lr 0.1 (Note
+    [Update check]); inf where the variant's update is not finite. Empty where fusedopt's own is not (the
+    mismatch check then reports it) or cannot be built."""
     base = make_params(PROBE_SHAPES, dtype, device, seed=2)
     impls, _ = candidates(opt, lambda: copies(base, False))
     if "fusedopt" not in impls:
@@ -326,9 +327,10 @@ def release(device):
         torch.cuda.empty_cache()
 
 
-def bench_optimizer(args, opt, layout, base, device, timer, yard, progress):
+def bench_optimizer(args, opt, layout, base, device, timer, yard, progress, updates):
     """One optimizer on one layout: a row per implementation (median step times, GB/s, yardsticks, speed-up,
-    the difference from fusedopt and, for a --graph-layouts layout, CUDA-graph replay times)."""
+    the difference from fusedopt and, for a --graph-layouts layout, CUDA-graph replay times). updates: this
+    optimizer's update_errors, which do not depend on the layout."""
     cls_name, _, ours = OPTIMIZERS[opt]
     share = device.type == "cuda"
     impls, errors = candidates(opt, lambda: copies(base, share))
@@ -345,7 +347,6 @@ def bench_optimizer(args, opt, layout, base, device, timer, yard, progress):
     # The same start and steps: a torch variant of the same rule agrees with fusedopt to rounding.
     diffs = max_rel_diffs(impls) if "fusedopt" in impls and not ours else {}
     del impls
-    updates = update_errors(opt, base[0].dtype, device) if not ours else {}
     replays, graph_errors = {}, {}
     if layout in args.graph_layouts:
         release(device)
@@ -683,13 +684,16 @@ def main(argv=None):
         (out / "results.md").write_text(md + "\n")
         return md, bad
 
+    # Note [Update check]; torch has no masking to compare fusedopt's masked step with
+    updates = {opt: update_errors(opt, args.dtype, device) if not OPTIMIZERS[opt][2] else {}
+               for opt in args.optimizers}
     for name, shapes in layouts:
         if not budget.allows(name):
             continue
         base = make_params(shapes, args.dtype, device, seed=1)
         for opt in args.optimizers:
             if budget.allows(f"{opt} / {name}"):
-                rows += bench_optimizer(args, opt, name, base, device, timer, yard, progress)
+                rows += bench_optimizer(args, opt, name, base, device, timer, yard, progress, updates[opt])
                 release(device)
                 save()
         del base
