@@ -395,6 +395,24 @@ def test_gradient_mask_is_the_reference_mask(keep_prob, seed, dtype, isas, use_i
                 assert 0 < int(keep.sum()) < p.numel()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=_dt)
+@pytest.mark.parametrize("keep_prob", [0.6, 0.1, 0.9, 1 - 2**-20])
+def test_masked_gradient_is_scaled_by_rounded_reciprocal(keep_prob, dtype, isas, use_isa):
+    """Note [Mask scale]: the masked gradient is m·g·(1/r) with 1/r rounded once to the op-math type, bit for
+    bit: SGD with lr=1 from θ = 0 writes 0 − m·g·(1/r), dropped elements +0."""
+    gen = torch.Generator().manual_seed(5)
+    grads = [torch.randn(n, generator=gen, dtype=torch.float64).to(dtype) * 3 for n in (1, 17, 4099, 70001)]
+    unkeep = torch.tensor(1.0 / keep_prob, dtype=torch.float64).to(dtype)
+    for isa in isas:
+        use_isa(isa)
+        params = [torch.zeros_like(g) for g in grads]
+        OPS.sgd_(params, [g.clone() for g in grads], [], [torch.zeros(()) for _ in grads], list(range(len(grads))),
+                 lr=1.0, grad_keep_prob=keep_prob, grad_mask_seed=SEED)
+        for j, (p, g) in enumerate(zip(params, grads)):
+            keep = torch.from_numpy(ref.keep_mask(SEED, 2**24 + j, g.numel(), keep_prob)).to(dtype)
+            _assert_bitwise([p], [torch.zeros_like(g) - keep * g * unkeep], f"isa={isa} index={j}")
+
+
 @pytest.mark.parametrize("opt", list(VARIANTS))
 @pytest.mark.parametrize("found_inf", [1.0, float("inf"), float("nan")])
 def test_found_inf_changes_nothing(opt, found_inf, isas, use_isa):
