@@ -19,18 +19,21 @@ struct Words {
   uint32_t w[4];
 };
 
+// One round with the round key (k0, k1).
+FUSEDOPT_HD inline Words round(const Words& c, uint32_t k0, uint32_t k1) {
+  const uint64_t p0 = static_cast<uint64_t>(kMul0) * c.w[0];
+  const uint64_t p1 = static_cast<uint64_t>(kMul1) * c.w[2];
+  const uint32_t hi0 = static_cast<uint32_t>(p0 >> 32), lo0 = static_cast<uint32_t>(p0);
+  const uint32_t hi1 = static_cast<uint32_t>(p1 >> 32), lo1 = static_cast<uint32_t>(p1);
+  return Words{{hi1 ^ c.w[1] ^ k0, lo1, hi0 ^ c.w[3] ^ k1, lo0}};
+}
+
+// Round r's key: the seed's words plus r times the key increments.
+FUSEDOPT_HD inline uint32_t round_key0(uint32_t k0, int r) { return k0 + static_cast<uint32_t>(r) * kKeyInc0; }
+FUSEDOPT_HD inline uint32_t round_key1(uint32_t k1, int r) { return k1 + static_cast<uint32_t>(r) * kKeyInc1; }
+
 FUSEDOPT_HD inline Words philox4x32_10(Words c, uint32_t k0, uint32_t k1) {
-  for (int r = 0; r < 10; ++r) {
-    if (r > 0) {
-      k0 += kKeyInc0;
-      k1 += kKeyInc1;
-    }
-    const uint64_t p0 = static_cast<uint64_t>(kMul0) * c.w[0];
-    const uint64_t p1 = static_cast<uint64_t>(kMul1) * c.w[2];
-    const uint32_t hi0 = static_cast<uint32_t>(p0 >> 32), lo0 = static_cast<uint32_t>(p0);
-    const uint32_t hi1 = static_cast<uint32_t>(p1 >> 32), lo1 = static_cast<uint32_t>(p1);
-    c = Words{{hi1 ^ c.w[1] ^ k0, lo1, hi0 ^ c.w[3] ^ k1, lo0}};
-  }
+  for (int r = 0; r < 10; ++r) c = round(c, round_key0(k0, r), round_key1(k1, r));
   return c;
 }
 
