@@ -49,6 +49,13 @@ CXX_FLAGS += [f"-DFUSEDOPT_WITHOUT_{isa}" for isa in ISAS if isa not in _wanted]
 ISAS = {isa: flags for isa, flags in ISAS.items() if isa in _wanted}
 
 
+# FUSEDOPT_GRIDEMU=0 leaves out the optimizers' grid-emulation ops
+# (csrc/cpu/gridemu.cpp, tests only: every CUDA optimizer body compiled again
+# for the CPU, the build's longest file); benchmarks/gpu_check.sh builds so,
+# as the GPU tests do not use them.
+GRIDEMU = os.environ.get("FUSEDOPT_GRIDEMU", "1") != "0"
+
+
 def want_cuda():
     forced = os.environ.get("FUSEDOPT_CUDA")
     if forced is not None:
@@ -102,6 +109,7 @@ def write_build_info(cuda: bool):
         "cuda": torch.version.cuda if cuda else None,
         "python": f"{sys.version_info.major}.{sys.version_info.minor}",
         "cpu_isas": list(ISAS),
+        "gridemu": GRIDEMU,
         "sanitize": SANITIZE,
     }
     (ROOT / "fusedopt" / "_build_info.py").write_text(
@@ -113,8 +121,8 @@ def write_build_info(cuda: bool):
 def extension():
     cuda = want_cuda()
     write_build_info(cuda)
-    sources = ["csrc/module.cpp", "csrc/registration.cpp", "csrc/autograd.cpp", "csrc/cpu/ops.cpp", "csrc/cpu/gridemu.cpp",
-               "csrc/cpu/dropout_ops.cpp"]
+    sources = ["csrc/module.cpp", "csrc/registration.cpp", "csrc/autograd.cpp", "csrc/cpu/ops.cpp",
+               "csrc/cpu/dropout_ops.cpp"] + ["csrc/cpu/gridemu.cpp"] * GRIDEMU
     include_dirs = [str(CSRC / "include"), str(CSRC / "cpu")]
     cxx = CXX_FLAGS + ["-DFUSEDOPT_CPU_ONLY"] * (not cuda)
     extra_link = ["-fopenmp"] + ["-fsanitize=address,undefined"] * SANITIZE
