@@ -12,7 +12,8 @@
 // The argument lists of the optimizer ops (the grid-emulation ops at the end
 // of this file take the very same), with lr a float or, in each op's
 // `.tensor_lr` overload, a one-element tensor (Note [Tensor lr] in
-// fusedopt/calls.h).
+// fusedopt/calls.h), and adam_'s `.tensor_betas`, whose lr and betas are
+// tensors (Note [Tensor betas]).
 #define FUSEDOPT_SGD_ARGS(LR)                                                                \
   "(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, "               \
   "Tensor(d!)[] steps, int[] indices, *, " LR " lr, float momentum=0., float dampening=0., " \
@@ -26,10 +27,13 @@
   "Tensor(d!)[] grad_avgs, Tensor(e!)[] momentum_buffers, Tensor(f!)[] steps, int[] indices, *, " \
   LR " lr, float alpha=0.99, float eps=1e-8, float momentum=0., bool centered=False, "       \
   FUSEDOPT_COMMON_ARGS
-#define FUSEDOPT_ADAM_ARGS(LR)                                                                  \
+// Adam's betas: floats, or tensors in `.tensor_betas` (Note [Tensor betas]).
+#define FUSEDOPT_FLOAT_BETAS "float beta1=0.9, float beta2=0.999, "
+#define FUSEDOPT_TENSOR_BETAS "Tensor beta1, Tensor beta2, "
+#define FUSEDOPT_ADAM_ARGS(LR, BETAS)                                                           \
   "(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "                          \
   "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] steps, int[] indices, *, " \
-  LR " lr, float beta1=0.9, float beta2=0.999, float eps=1e-8, bool amsgrad=False, "         \
+  LR " lr, " BETAS "float eps=1e-8, bool amsgrad=False, "                                     \
   "bool eps_inside_sqrt=False, " FUSEDOPT_COMMON_ARGS
 
 TORCH_LIBRARY(fusedopt, m) {
@@ -39,8 +43,9 @@ TORCH_LIBRARY(fusedopt, m) {
   m.def("adagrad_.tensor_lr" FUSEDOPT_ADAGRAD_ARGS("Tensor"));
   m.def("rmsprop_" FUSEDOPT_RMSPROP_ARGS("float"));
   m.def("rmsprop_.tensor_lr" FUSEDOPT_RMSPROP_ARGS("Tensor"));
-  m.def("adam_" FUSEDOPT_ADAM_ARGS("float"));
-  m.def("adam_.tensor_lr" FUSEDOPT_ADAM_ARGS("Tensor"));
+  m.def("adam_" FUSEDOPT_ADAM_ARGS("float", FUSEDOPT_FLOAT_BETAS));
+  m.def("adam_.tensor_lr" FUSEDOPT_ADAM_ARGS("Tensor", FUSEDOPT_FLOAT_BETAS));
+  m.def("adam_.tensor_betas" FUSEDOPT_ADAM_ARGS("Tensor", FUSEDOPT_TENSOR_BETAS));
   // a += s·b over fp32: the benchmark's bandwidth yardstick.
   m.def("stream_(Tensor(a!) a, Tensor b, float s) -> ()");
 }
@@ -57,8 +62,9 @@ TORCH_LIBRARY_FRAGMENT(fusedopt, m) {
   m.def("_gridemu_adagrad_.tensor_lr" FUSEDOPT_ADAGRAD_ARGS("Tensor"));
   m.def("_gridemu_rmsprop_" FUSEDOPT_RMSPROP_ARGS("float"));
   m.def("_gridemu_rmsprop_.tensor_lr" FUSEDOPT_RMSPROP_ARGS("Tensor"));
-  m.def("_gridemu_adam_" FUSEDOPT_ADAM_ARGS("float"));
-  m.def("_gridemu_adam_.tensor_lr" FUSEDOPT_ADAM_ARGS("Tensor"));
+  m.def("_gridemu_adam_" FUSEDOPT_ADAM_ARGS("float", FUSEDOPT_FLOAT_BETAS));
+  m.def("_gridemu_adam_.tensor_lr" FUSEDOPT_ADAM_ARGS("Tensor", FUSEDOPT_FLOAT_BETAS));
+  m.def("_gridemu_adam_.tensor_betas" FUSEDOPT_ADAM_ARGS("Tensor", FUSEDOPT_TENSOR_BETAS));
 }
 // ---------------------------------------------------------------------------
 

@@ -6,7 +6,8 @@ The schemas live in csrc/registration.cpp. Every optimizer op updates its lists 
 
 `lr` is a float, or a one-element float32/float64 tensor (on the CPU, or on the params' CUDA device, where the
 kernels read it: the `.tensor_lr` overload of each op, Note [Tensor lr] in csrc/include/fusedopt/calls.h); under
-torch.compile a tensor lr is a graph input, so changing it recompiles nothing.
+torch.compile a tensor lr is a graph input, so changing it recompiles nothing. Adam's betas may be tensors
+too (its `.tensor_betas` overload, Note [Tensor betas]).
 `steps` holds one scalar float32/float64 tensor per parameter (steps already taken; on the CPU for CPU
 tensors, on the device otherwise), which the op advances unless `found_inf` is set. `indices[j]` is the
 parameter's number in the optimizer's state_dict (the gradient mask and rounding streams). A state list a
@@ -27,14 +28,16 @@ from fusedopt import _C
 __all__ = ["adagrad_", "adam_", "rmsprop_", "sgd_", "stream_"]
 
 
-def _call(packet, name, lists, options):
-    """The op `packet` on (lists, options), its `.tensor_lr` overload for a tensor lr: called from C++ without
-    boxing its lists (Note [Direct calls] in csrc/module.cpp), or through torch.ops under torch.compile and
-    wherever the direct call declines (tensor subclasses, torch function modes, other Python types)."""
-    tensor_lr = isinstance(options["lr"], Tensor)
-    if torch.compiler.is_compiling() or _C._call(f"{name}.tensor_lr" if tensor_lr else name, lists,
+def _call(packet, name, lists, options, overload=None):
+    """The op `packet` on (lists, options), its `.tensor_lr` overload for a tensor lr (or the `overload` named):
+    called from C++ without boxing its lists (Note [Direct calls] in csrc/module.cpp), or through torch.ops
+    under torch.compile and wherever the direct call declines (tensor subclasses, torch function modes, other
+    Python types)."""
+    if overload is None and isinstance(options["lr"], Tensor):
+        overload = "tensor_lr"
+    if torch.compiler.is_compiling() or _C._call(f"{name}.{overload}" if overload else name, lists,
                                                  options) is NotImplemented:
-        (packet.tensor_lr if tensor_lr else packet.default)(*lists, **options)
+        getattr(packet, overload or "default")(*lists, **options)
 
 
 def sgd_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], steps: list[Tensor],
@@ -86,15 +89,22 @@ def rmsprop_(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor
 
 def adam_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
           max_exp_avg_sqs: list[Tensor], steps: list[Tensor], indices: list[int], *, lr: Union[float, Tensor],
-          beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, amsgrad: bool = False,
+          beta1: Union[float, Tensor] = 0.9, beta2: Union[float, Tensor] = 0.999, eps: float = 1e-8, amsgrad: bool = False,
           eps_inside_sqrt: bool = False, weight_decay: float = 0.0, l1_decay: float = 0.0,
           decoupled_weight_decay: bool = False, maximize: bool = False, grad_keep_prob: float = 1.0,
           grad_mask_seed: int = 0, stochastic_rounding: bool = False,
           grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
-    """Adam / AdamW (decoupled_weight_decay=True); max_exp_avg_sqs is empty unless amsgrad."""
+    """Adam / AdamW (decoupled_weight_decay=True); max_exp_avg_sqs is empty unless amsgrad. With a tensor beta,
+    the `.tensor_betas` overload, which takes lr and both betas as tensors (Note [Tensor betas] in
+    csrc/include/fusedopt/calls.h): the float ones become float64 CPU tensors, read on the host as floats."""
     if params:  # with no tensor at all the dispatcher finds no kernel
         lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, indices)
-        _call(torch.ops.fusedopt.adam_, "adam_", lists, dict(
+        overload = None
+        if isinstance(beta1, Tensor) or isinstance(beta2, Tensor):
+            overload = "tensor_betas"
+            lr, beta1, beta2 = (x if isinstance(x, Tensor) else torch.tensor(x, dtype=torch.float64)
+                                for x in (lr, beta1, beta2))
+        _call(torch.ops.fusedopt.adam_, "adam_", lists, overload=overload, options=dict(
             lr=lr, beta1=beta1, beta2=beta2, eps=eps, amsgrad=amsgrad, eps_inside_sqrt=eps_inside_sqrt,
             weight_decay=weight_decay, l1_decay=l1_decay, decoupled_weight_decay=decoupled_weight_decay,
             maximize=maximize, grad_keep_prob=grad_keep_prob, grad_mask_seed=grad_mask_seed,
@@ -127,6 +137,7 @@ def _fake(op: str, n_states: int):
 for _op, _n in [("sgd_", 1), ("adagrad_", 1), ("rmsprop_", 3), ("adam_", 3)]:
     torch.library.register_fake(f"fusedopt::{_op}", _fake(_op, _n))
     torch.library.register_fake(f"fusedopt::{_op}.tensor_lr", _fake(_op, _n))
+torch.library.register_fake("fusedopt::adam_.tensor_betas", _fake("adam_", 3))
 
 
 @torch.library.register_fake("fusedopt::stream_")

@@ -187,9 +187,14 @@ def optimizer_call(draw, isas):
     kw["grad_scale"], kw["found_inf"] = amp_tensor(draw, odd), amp_tensor(draw, odd)
     isa = draw(st.sampled_from(["", "bogus", "avx2"])) if odd() else draw(st.sampled_from(isas))
     op = opt + "_"
-    if draw(st.integers(0, 3)) == 0:  # the .tensor_lr overload (Note [Tensor lr])
+    overload = draw(st.integers(0, 3))
+    if overload == 0:  # the .tensor_lr overload (Note [Tensor lr])
         op += ".tensor_lr"
         kw["lr"] = lr_tensor(draw, odd, kw["lr"])
+    elif overload == 1 and opt == "adam":  # lr and betas as tensors (Note [Tensor betas])
+        op += ".tensor_betas"
+        for name, default in [("lr", None), ("beta1", 0.9), ("beta2", 0.999)]:
+            kw[name] = lr_tensor(draw, odd, kw.get(name, default))
     return op, [params, grads, *states, steps, indices], kw, isa
 
 

@@ -16,7 +16,8 @@ import torch
 import fusedopt
 import fusedopt._ext
 import fusedopt.reference as ref
-from test_gridemu import (DECAYS, DTYPES, EXTRAS, SEED, STATE_LISTS, VARIANTS, Case, _assert_bitwise, _dt)
+from test_gridemu import (DECAYS, DTYPES, EXTRAS, SEED, STATE_LISTS, VARIANTS, Case, _assert_bitwise, _call_betas,
+                          _dt)
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -254,15 +255,45 @@ def test_graph_replays_a_tensor_lr_on_device(opt):
     _assert_bitwise(to_cpu(dev), want, "tensor lr replay")
 
 
-def test_optimizer_step_with_device_lr_captures():
-    """fusedopt.Adam with lr a tensor on the device: step() makes no host sync, so it captures into a CUDA
-    graph; replays with new gradients and a scheduler-changed lr equal eager steps, bit for bit."""
+def test_graph_replays_tensor_betas_on_device():
+    """Note [Tensor betas]: lr and betas on the device are read by the kernels, which compute the bias
+    corrections from them; a captured step replays whatever the tensors hold, equal to the CPU op called with
+    those values, bit for bit."""
+    options = dict(lr=0.01, amsgrad=True, weight_decay=0.1, grad_keep_prob=0.8, grad_mask_seed=SEED)
+    case = Case("adam", options, torch.float32, [3, 1000, 65537], steps0=[0, 2, 7], seed=11)
+    dev, want = case.clone(CUDA), case.clone()
+    lr, beta1, beta2 = (torch.tensor(v, device=CUDA) for v in (0.01, 0.9, 0.999))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # load the kernel before capturing it
+        _call_betas(case, OPS.adam_.tensor_betas, *case.clone(CUDA), lr, beta1, beta2)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _call_betas(case, OPS.adam_.tensor_betas, *dev, lr, beta1, beta2)
+    for b1, b2 in [(0.9, 0.999), (0.5, 0.9), (0.0, 0.99)]:
+        beta1.fill_(b1)
+        beta2.fill_(b2)
+        graph.replay()
+        _call_betas(case, OPS.adam_.default, *want, lr.item(), beta1.item(), beta2.item())
+    torch.cuda.synchronize()
+    _assert_bitwise(to_cpu(dev), want, "tensor betas replay")
+
+
+@pytest.mark.parametrize("tensor_betas", [False, True], ids=["float-betas", "device-betas"])
+def test_optimizer_step_with_device_lr_captures(tensor_betas):
+    """fusedopt.Adam with lr (and betas) tensors on the device: step() makes no host sync, so it captures into a
+    CUDA graph; replays with new gradients and a scheduler-changed lr (and beta1) equal eager steps, bit for
+    bit."""
     torch.manual_seed(0)
     shapes = [(64, 33), (33,), (7, 5)]
     eager = [torch.randn(s, device=CUDA) for s in shapes]
     graphed = [p.clone() for p in eager]
     opts = [fusedopt.Adam(ps, lr=torch.tensor(0.01, device=CUDA), weight_decay=0.1, grad_keep_prob=0.8,
-                          grad_mask_seed=3) for ps in (eager, graphed)]
+                          grad_mask_seed=3,
+                          betas=(torch.tensor(0.9, device=CUDA), torch.tensor(0.999, device=CUDA)) if tensor_betas
+                          else (0.9, 0.999))
+            for ps in (eager, graphed)]
     for ps in (eager, graphed):
         for p in ps:
             p.grad = torch.zeros_like(p)
@@ -288,6 +319,8 @@ def test_optimizer_step_with_device_lr_captures():
             g_.grad.copy_(g)
         for o in opts:
             o.param_groups[0]["lr"].fill_(0.01 * 0.5 ** k)
+            if tensor_betas:
+                o.param_groups[0]["betas"][0].fill_(0.9 - 0.1 * 0.5 ** k)
         opts[0].step()
         graph.replay()
     torch.cuda.synchronize()

@@ -36,20 +36,24 @@ def _snapshot(lists):
     return [t.clone() for lst in lists[:-1] for t in lst]
 
 
-@pytest.mark.parametrize("tensor_lr", [False, True])
+OVERLOADS = [(op, overload) for op in STATES
+             for overload in ("default", "tensor_lr") + (("tensor_betas",) if op == "adam_" else ())]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("op", list(STATES))
-def test_direct_equals_torch_ops(op, dtype, tensor_lr):
+@pytest.mark.parametrize("op, overload", OVERLOADS, ids=[f"{o}{v}" for o, v in OVERLOADS])
+def test_direct_equals_torch_ops(op, overload, dtype):
     """Three steps through _C._call and through torch.ops: bitwise the same params, grads, state and steps."""
     direct, boxed = _call(op, dtype=dtype), _call(op, dtype=dtype)
-    name = f"{op}.tensor_lr" if tensor_lr else op
+    name = op if overload == "default" else f"{op}.{overload}"
+    tensors = {"default": (), "tensor_lr": ("lr",), "tensor_betas": ("lr", "beta1", "beta2")}[overload]
     for lists, options in (direct, boxed):
-        if tensor_lr:
-            options["lr"] = torch.tensor(options["lr"], dtype=torch.float64)
+        for key in tensors:
+            options[key] = torch.tensor(options[key], dtype=torch.float64)
     packet = getattr(torch.ops.fusedopt, op)
     for _ in range(3):
         assert _C._call(name, direct[0], direct[1]) is None
-        (packet.tensor_lr if tensor_lr else packet.default)(*boxed[0], **boxed[1])
+        getattr(packet, overload)(*boxed[0], **boxed[1])
     for a, b in zip(_snapshot(direct[0]), _snapshot(boxed[0])):
         assert not a.isnan().any() and torch.equal(a, b)
     assert [s.item() for s in direct[0][-2]] == [j + 3.0 for j in range(len(SIZES))]

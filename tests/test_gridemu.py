@@ -136,7 +136,7 @@ def _default_plan(monkeypatch):
 
 def test_same_schemas():
     for opt in STATE_LISTS:
-        for overload in ("default", "tensor_lr"):
+        for overload in ("default", "tensor_lr") + (("tensor_betas",) if opt == "adam" else ()):
             real = str(getattr(getattr(OPS, opt + "_"), overload)._schema)
             emu = str(getattr(getattr(OPS, "_gridemu_" + opt + "_"), overload)._schema)
             assert emu == real.replace(f"fusedopt::{opt}_", f"fusedopt::_gridemu_{opt}_", 1)
@@ -347,6 +347,52 @@ def test_tensor_lr(opt, lr_dtype, plan):
             _call_lr(case, getattr(OPS, opt + "_").tensor_lr, *cpu, lr)
         _assert_bitwise(emu, want, f"emulated tensor lr {_dt(dtype)}")
         _assert_bitwise(cpu, want, f"CPU tensor lr {_dt(dtype)}")
+
+
+def _call_betas(case, op, tensors, steps, lr, beta1, beta2):
+    lists = [tensors[name] if name in tensors else [] for name, _ in STATE_LISTS["adam"]]
+    options = {k: v for k, v in case.options.items() if k not in ("lr", "beta1", "beta2")}
+    op(tensors["params"], tensors["grads"], *lists, steps, case.indices, lr=lr, beta1=beta1, beta2=beta2,
+       **options)
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("beta_dtype", [torch.float32, torch.float64], ids=_dt)
+def test_tensor_betas(beta_dtype, amsgrad, plan):
+    """Note [Tensor betas]: adam_.tensor_betas gives the float op's bits for the tensors' values. The emulation
+    reads lr and both betas through pointers and computes the bias corrections in every chunk body, as the CUDA
+    kernels do with tensors on the device; the CPU op reads them on the host. New values in the same tensors
+    are used by the next call."""
+    plan("2,3,16,8")
+    for dtype in DTYPES:
+        options = dict(lr=0.01, amsgrad=amsgrad, weight_decay=0.1, grad_keep_prob=0.7, grad_mask_seed=SEED)
+        case = Case("adam", options, dtype, [5, 33, 64, 1], steps0=[0, 4, 1, 2],
+                    seed=zlib.crc32(repr((dtype, beta_dtype, amsgrad)).encode()))
+        lr, beta1, beta2 = (torch.tensor(v, dtype=beta_dtype) for v in (0.01, 0.8, 0.99))
+        want, emu, cpu = case.clone(), case.clone(), case.clone()
+        for b1, b2 in [(0.8, 0.99), (0.5, 0.9), (0.0, 0.999)]:
+            beta1.fill_(b1)
+            beta2.fill_(b2)
+            _call_betas(case, OPS.adam_.default, *want, lr.item(), beta1.item(), beta2.item())
+            _call_betas(case, OPS._gridemu_adam_.tensor_betas, *emu, lr, beta1, beta2)
+            _call_betas(case, OPS.adam_.tensor_betas, *cpu, lr, beta1, beta2)
+        _assert_bitwise(emu, want, f"emulated tensor betas {_dt(dtype)}")
+        _assert_bitwise(cpu, want, f"CPU tensor betas {_dt(dtype)}")
+
+
+@pytest.mark.parametrize("op", ["adam_", "_gridemu_adam_"])
+def test_bad_tensor_betas(op):
+    args = ([torch.zeros(3)], [torch.zeros(3)], [torch.zeros(3)], [torch.zeros(3)], [], [torch.zeros(())], [0])
+    good = dict(lr=torch.tensor(0.1), beta1=torch.tensor(0.9), beta2=torch.tensor(0.999))
+    for name in ("beta1", "beta2"):
+        for bad, match in [(torch.zeros(2), f"tensor {name} must be a dense tensor of one element"),
+                           (torch.tensor(1), f"tensor {name} must be float32 or float64")]:
+            with pytest.raises(RuntimeError, match=match):
+                getattr(OPS, op).tensor_betas(*args, **{**good, name: bad})
+        if op == "adam_":  # the public op: read on the host, checked like a float
+            with pytest.raises(RuntimeError, match=f"invalid {name}"):
+                OPS.adam_.tensor_betas(*args, **{**good, name: torch.tensor(1.0)})
+    assert torch.equal(args[0][0], torch.zeros(3)) and args[5][0].item() == 0  # nothing was touched
 
 
 @pytest.mark.parametrize("op", ["sgd_", "_gridemu_sgd_"])

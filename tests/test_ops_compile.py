@@ -103,6 +103,22 @@ def test_opcheck_tensor_lr(case):
             torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("common", range(len(COMMON)))
+def test_opcheck_tensor_betas(common):
+    """adam_.tensor_betas (Note [Tensor betas]): schema, fake, and the float op's result bit for bit."""
+    params, grads, states, steps, indices = _lists(3, step=2.0)
+    scalars = dict(lr=torch.tensor(0.01), beta1=torch.tensor(0.8), beta2=torch.tensor(0.99, dtype=torch.float64))
+    options = dict(amsgrad=True, **COMMON[common])
+    op = torch.ops.fusedopt.adam_
+    torch.library.opcheck(op.tensor_betas, (params, grads, *states, steps, indices), dict(**scalars, **options))
+    copies = [[t.clone() for t in ts] for ts in (params, grads, *states, steps)]
+    op.tensor_betas(params, grads, *states, steps, indices, **scalars, **options)
+    op.default(*copies, indices, **{k: v.item() for k, v in scalars.items()}, **options)
+    for got, want in zip((params, grads, *states, steps), copies):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 def test_wrapper_takes_empty_lists():
     fusedopt.ops.adam_([], [], [], [], [], [], [], lr=0.01)  # the bare op would find no kernel to dispatch to
 

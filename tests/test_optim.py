@@ -470,6 +470,27 @@ def test_tensor_lr(cls):
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("cls", [fusedopt.Adam, fusedopt.AdamW], ids=["Adam", "AdamW"])
+def test_tensor_betas(cls):
+    """Tensor betas (Note [Tensor betas]): the bits of float betas of the same values, new values in the
+    tensors used by the next step, and torch's own optimizer with the same tensor betas within fp32 tolerance."""
+    a, b, t = _model(), _model(), _model()
+    betas = (torch.tensor(0.8), torch.tensor(0.99, dtype=torch.float64))
+    opts = [cls(a.parameters(), lr=0.01, betas=betas),
+            cls(b.parameters(), lr=0.01, betas=tuple(x.item() for x in betas)),
+            TORCH[cls](t.parameters(), lr=0.01, betas=tuple(x.clone() for x in betas), foreach=False)]
+    for epoch in range(4):
+        for model, opt in zip((a, b, t), opts):
+            _train(model, opt, [epoch])
+        if epoch == 1:  # a beta schedule: the same tensors, new values
+            for opt in (opts[0], opts[2]):
+                opt.param_groups[0]["betas"][0].fill_(0.6)
+            opts[1].param_groups[0]["betas"] = tuple(x.item() for x in opts[0].param_groups[0]["betas"])
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    torch.testing.assert_close(list(a.parameters()), list(t.parameters()), **TORCH_TOL)
+
+
 def test_mixed_dtypes_one_call_per_dtype(monkeypatch):
     calls = []
     op = fusedopt.Adam._op

@@ -78,7 +78,7 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
           double weight_decay, double l1_decay, bool decoupled, bool maximize, double grad_keep_prob,
           int64_t grad_mask_seed, bool stochastic_rounding, const std::optional<at::Tensor>& grad_scale,
           const std::optional<at::Tensor>& found_inf) {
-  const KernelLr klr = kernel_lr("sgd_", lr, params, true);
+  const KernelScalar klr = kernel_scalar("sgd_", "lr", lr, params, true);
   auto call = sgd_call(params, grads, momentum_buffers, steps, indices, klr.value, momentum, dampening, nesterov,
                        ema_momentum, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob,
                        grad_mask_seed, stochastic_rounding, grad_scale, found_inf, c10::DeviceType::CPU);
@@ -91,7 +91,7 @@ void adagrad_(at::TensorList params, at::TensorList grads, at::TensorList state_
               at::IntArrayRef indices, Lr lr, double lr_decay, double eps, double weight_decay,
               double l1_decay, bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed, bool stochastic_rounding,
               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const KernelLr klr = kernel_lr("adagrad_", lr, params, true);
+  const KernelScalar klr = kernel_scalar("adagrad_", "lr", lr, params, true);
   auto call = adagrad_call(params, grads, state_sums, steps, indices, klr.value, lr_decay, eps, weight_decay,
                            l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed, stochastic_rounding, grad_scale,
                            found_inf, c10::DeviceType::CPU);
@@ -105,7 +105,7 @@ void rmsprop_(at::TensorList params, at::TensorList grads, at::TensorList square
               double alpha, double eps, double momentum, bool centered, double weight_decay, double l1_decay,
               bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed, bool stochastic_rounding,
               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const KernelLr klr = kernel_lr("rmsprop_", lr, params, true);
+  const KernelScalar klr = kernel_scalar("rmsprop_", "lr", lr, params, true);
   auto call = rmsprop_call(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, indices, klr.value,
                            alpha, eps, momentum, centered, weight_decay, l1_decay, decoupled, maximize,
                            grad_keep_prob, grad_mask_seed, stochastic_rounding, grad_scale, found_inf, c10::DeviceType::CPU);
@@ -115,15 +115,19 @@ void rmsprop_(at::TensorList params, at::TensorList grads, at::TensorList square
 
 template <typename Lr>
 void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-           at::TensorList max_exp_avg_sqs, at::TensorList steps, at::IntArrayRef indices, Lr lr, double beta1,
-           double beta2, double eps, bool amsgrad, bool eps_inside_sqrt, double weight_decay, double l1_decay,
+           at::TensorList max_exp_avg_sqs, at::TensorList steps, at::IntArrayRef indices, LrArg<Lr> lr, BetaArg<Lr> beta1,
+           BetaArg<Lr> beta2, double eps, bool amsgrad, bool eps_inside_sqrt, double weight_decay, double l1_decay,
            bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed, bool stochastic_rounding,
            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const KernelLr klr = kernel_lr("adam_", lr, params, true);
-  auto call = adam_call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, indices, klr.value, beta1,
-                        beta2, eps, amsgrad, eps_inside_sqrt, weight_decay, l1_decay, decoupled, maximize,
+  const KernelScalar klr = kernel_scalar("adam_", "lr", lr, params, true);
+  const KernelScalar kb1 = kernel_scalar("adam_", "beta1", beta1, params, true);
+  const KernelScalar kb2 = kernel_scalar("adam_", "beta2", beta2, params, true);
+  auto call = adam_call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, indices, klr.value, kb1.value,
+                        kb2.value, eps, amsgrad, eps_inside_sqrt, weight_decay, l1_decay, decoupled, maximize,
                         grad_keep_prob, grad_mask_seed, stochastic_rounding, grad_scale, found_inf, c10::DeviceType::CPU);
   call.lr = klr.ptr();
+  call.beta1 = kb1.ptr();
+  call.beta2 = kb2.ptr();
   run(call, steps, grad_scale, found_inf);
 }
 

@@ -53,7 +53,7 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
           bool nesterov, bool ema_momentum, double weight_decay, double l1_decay, bool decoupled,
           bool maximize, double grad_keep_prob, int64_t grad_mask_seed, bool stochastic_rounding,
           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const double lr_host = host_lr("sgd_", lr);
+  const double lr_host = host_scalar("sgd_", "lr", lr);
   auto call = sgd_call(params, grads, momentum_buffers, steps, indices, lr_host, momentum, dampening, nesterov,
                        ema_momentum, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed, stochastic_rounding,
                        grad_scale, found_inf, kCPU);
@@ -67,7 +67,7 @@ void adagrad_(at::TensorList params, at::TensorList grads, at::TensorList state_
               at::IntArrayRef indices, Lr lr, double lr_decay, double eps, double weight_decay,
               double l1_decay, bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed, bool stochastic_rounding,
               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const double lr_host = host_lr("adagrad_", lr);
+  const double lr_host = host_scalar("adagrad_", "lr", lr);
   auto call = adagrad_call(params, grads, state_sums, steps, indices, lr_host, lr_decay, eps, weight_decay,
                            l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed, stochastic_rounding, grad_scale, found_inf,
                            kCPU);
@@ -83,7 +83,7 @@ void rmsprop_(at::TensorList params, at::TensorList grads, at::TensorList square
               double weight_decay, double l1_decay, bool decoupled, bool maximize, double grad_keep_prob,
               int64_t grad_mask_seed, bool stochastic_rounding, const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf) {
-  const double lr_host = host_lr("rmsprop_", lr);
+  const double lr_host = host_scalar("rmsprop_", "lr", lr);
   auto call = rmsprop_call(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, indices, lr_host, alpha,
                            eps, momentum, centered, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob,
                            grad_mask_seed, stochastic_rounding, grad_scale, found_inf, kCPU);
@@ -94,13 +94,15 @@ void rmsprop_(at::TensorList params, at::TensorList grads, at::TensorList square
 
 template <typename Lr>
 void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-           at::TensorList max_exp_avg_sqs, at::TensorList steps, at::IntArrayRef indices, Lr lr,
-           double beta1, double beta2, double eps, bool amsgrad, bool eps_inside_sqrt, double weight_decay,
+           at::TensorList max_exp_avg_sqs, at::TensorList steps, at::IntArrayRef indices, LrArg<Lr> lr,
+           BetaArg<Lr> beta1, BetaArg<Lr> beta2, double eps, bool amsgrad, bool eps_inside_sqrt, double weight_decay,
            double l1_decay, bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed, bool stochastic_rounding,
            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const double lr_host = host_lr("adam_", lr);
-  auto call = adam_call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, indices, lr_host, beta1,
-                        beta2, eps, amsgrad, eps_inside_sqrt, weight_decay, l1_decay, decoupled, maximize,
+  const double lr_host = host_scalar("adam_", "lr", lr);
+  const double beta1_host = host_scalar("adam_", "beta1", beta1);
+  const double beta2_host = host_scalar("adam_", "beta2", beta2);
+  auto call = adam_call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, indices, lr_host, beta1_host,
+                        beta2_host, eps, amsgrad, eps_inside_sqrt, weight_decay, l1_decay, decoupled, maximize,
                         grad_keep_prob, grad_mask_seed, stochastic_rounding, grad_scale, found_inf, kCPU);
   if (!begin_step(call, grad_scale, found_inf)) return;
   FUSEDOPT_ISA_CALL(adam, call);

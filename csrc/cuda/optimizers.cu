@@ -48,7 +48,7 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
           const std::optional<at::Tensor>& found_inf) {
   check_one_device("sgd_", {{"params", params}, {"grads", grads}, {"momentum_buffers", momentum_buffers},
                             {"steps", steps}}, grad_scale, found_inf);
-  const KernelLr klr = kernel_lr("sgd_", lr, params, false);
+  const KernelScalar klr = kernel_scalar("sgd_", "lr", lr, params, false);
   auto call = sgd_call(params, grads, momentum_buffers, steps, indices, klr.value, momentum, dampening, nesterov,
                        ema_momentum, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob,
                        grad_mask_seed, stochastic_rounding, grad_scale, found_inf, c10::DeviceType::CUDA);
@@ -63,7 +63,7 @@ void adagrad_(at::TensorList params, at::TensorList grads, at::TensorList state_
               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   check_one_device("adagrad_", {{"params", params}, {"grads", grads}, {"state_sums", state_sums},
                                 {"steps", steps}}, grad_scale, found_inf);
-  const KernelLr klr = kernel_lr("adagrad_", lr, params, false);
+  const KernelScalar klr = kernel_scalar("adagrad_", "lr", lr, params, false);
   auto call = adagrad_call(params, grads, state_sums, steps, indices, klr.value, lr_decay, eps, weight_decay,
                            l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed, stochastic_rounding, grad_scale,
                            found_inf, c10::DeviceType::CUDA);
@@ -80,7 +80,7 @@ void rmsprop_(at::TensorList params, at::TensorList grads, at::TensorList square
   check_one_device("rmsprop_", {{"params", params}, {"grads", grads}, {"square_avgs", square_avgs},
                                 {"grad_avgs", grad_avgs}, {"momentum_buffers", momentum_buffers},
                                 {"steps", steps}}, grad_scale, found_inf);
-  const KernelLr klr = kernel_lr("rmsprop_", lr, params, false);
+  const KernelScalar klr = kernel_scalar("rmsprop_", "lr", lr, params, false);
   auto call = rmsprop_call(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, indices, klr.value,
                            alpha, eps, momentum, centered, weight_decay, l1_decay, decoupled, maximize,
                            grad_keep_prob, grad_mask_seed, stochastic_rounding, grad_scale, found_inf, c10::DeviceType::CUDA);
@@ -90,18 +90,22 @@ void rmsprop_(at::TensorList params, at::TensorList grads, at::TensorList square
 
 template <typename Lr>
 void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-           at::TensorList max_exp_avg_sqs, at::TensorList steps, at::IntArrayRef indices, Lr lr, double beta1,
-           double beta2, double eps, bool amsgrad, bool eps_inside_sqrt, double weight_decay, double l1_decay,
+           at::TensorList max_exp_avg_sqs, at::TensorList steps, at::IntArrayRef indices, LrArg<Lr> lr, BetaArg<Lr> beta1,
+           BetaArg<Lr> beta2, double eps, bool amsgrad, bool eps_inside_sqrt, double weight_decay, double l1_decay,
            bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed, bool stochastic_rounding,
            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   check_one_device("adam_", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
                              {"exp_avg_sqs", exp_avg_sqs}, {"max_exp_avg_sqs", max_exp_avg_sqs},
                              {"steps", steps}}, grad_scale, found_inf);
-  const KernelLr klr = kernel_lr("adam_", lr, params, false);
-  auto call = adam_call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, indices, klr.value, beta1,
-                        beta2, eps, amsgrad, eps_inside_sqrt, weight_decay, l1_decay, decoupled, maximize,
+  const KernelScalar klr = kernel_scalar("adam_", "lr", lr, params, false);
+  const KernelScalar kb1 = kernel_scalar("adam_", "beta1", beta1, params, false);
+  const KernelScalar kb2 = kernel_scalar("adam_", "beta2", beta2, params, false);
+  auto call = adam_call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, indices, klr.value, kb1.value,
+                        kb2.value, eps, amsgrad, eps_inside_sqrt, weight_decay, l1_decay, decoupled, maximize,
                         grad_keep_prob, grad_mask_seed, stochastic_rounding, grad_scale, found_inf, c10::DeviceType::CUDA);
   call.lr = klr.ptr();
+  call.beta1 = kb1.ptr();
+  call.beta2 = kb2.ptr();
   if (!params.empty()) run(call, params[0], steps, grad_scale, found_inf);
 }
 

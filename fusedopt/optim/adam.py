@@ -77,8 +77,9 @@ class Adam(FusedOptimizer):
         return [("exp_avg", True), ("exp_avg_sq", True), ("max_exp_avg_sq", group["amsgrad"])]
 
     def _options(self, group):
-        beta1, beta2 = group["betas"]
-        return dict(beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]), amsgrad=bool(group["amsgrad"]),
+        # Tensor betas go to the op as they are (Note [Tensor betas] in csrc/include/fusedopt/calls.h).
+        beta1, beta2 = (b if torch.is_tensor(b) else float(b) for b in group["betas"])
+        return dict(beta1=beta1, beta2=beta2, eps=float(group["eps"]), amsgrad=bool(group["amsgrad"]),
                     eps_inside_sqrt=bool(group["eps_inside_sqrt"]))
 
 

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <optional>
 #include <string>
+#include <type_traits>
 
 #include "fusedopt/checks.h"
 #include "fusedopt/math/adagrad.h"
@@ -136,48 +137,77 @@ inline OptimizerCall<math::AdamHyper> adam_call(
 // An lr on the params' CUDA device replaces Common::lr in every chunk body
 // (mta.h), unchecked: a check would need a sync, which torch's fused
 // optimizers do not make either. Grid emulation reads its CPU lr the device's
-// way, through the pointer.
-inline void check_lr(const char* op, const at::Tensor& lr) {
-  TORCH_CHECK(lr.defined() && lr.layout() == at::kStrided && lr.numel() == 1, op,
-              ": a tensor lr must be a dense tensor of one element");
-  TORCH_CHECK(lr.scalar_type() == at::kFloat || lr.scalar_type() == at::kDouble, op,
-              ": a tensor lr must be float32 or float64, got ", lr.scalar_type());
+// way, through the pointer. Adam's betas may be tensors too (Note [Tensor
+// betas]).
+
+// A one-element float32/float64 tensor standing for the option `name`.
+inline void check_scalar_tensor(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.defined() && t.layout() == at::kStrided && t.numel() == 1, op, ": a tensor ", name,
+              " must be a dense tensor of one element");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": a tensor ", name,
+              " must be float32 or float64, got ", t.scalar_type());
 }
 
-// lr read on the host: a float as it is, a CPU tensor's value.
-inline double host_lr(const char*, double lr) { return lr; }
-inline double host_lr(const char* op, const at::Tensor& lr) {
-  check_lr(op, lr);
-  TORCH_CHECK(lr.device().is_cpu(), op, ": lr must be on the CPU for CPU params, got ", lr.device());
-  return lr.scalar_type() == at::kDouble ? *lr.const_data_ptr<double>() : *lr.const_data_ptr<float>();
+// An option read on the host: a float as it is, a CPU tensor's value.
+inline double host_scalar(const char*, const char*, double value) { return value; }
+inline double host_scalar(const char* op, const char* name, const at::Tensor& t) {
+  check_scalar_tensor(op, name, t);
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU for CPU params, got ", t.device());
+  return t.scalar_type() == at::kDouble ? *t.const_data_ptr<double>() : *t.const_data_ptr<float>();
 }
 
-// lr as a launch plan takes it: `value` for the checks and the host side, and
-// `tensor` (float64, on the params' device) when the kernels read it instead.
-struct KernelLr {
+// An option (lr, β1, β2) as a launch plan takes it: `value` for the checks and
+// the host side, and `tensor` (float64, on the params' device) when the
+// kernels read it instead.
+struct KernelScalar {
   double value = 0;
   at::Tensor tensor;
   const double* ptr() const { return tensor.defined() ? tensor.const_data_ptr<double>() : nullptr; }
 };
 
-inline KernelLr kernel_lr(const char*, double lr, at::TensorList, bool) { return {lr, {}}; }
-// `emulated`: grid emulation, whose CPU lr takes the device path.
-inline KernelLr kernel_lr(const char* op, const at::Tensor& lr, at::TensorList params, bool emulated) {
-  check_lr(op, lr);
-  if (lr.device().is_cpu() && !emulated) return {host_lr(op, lr), {}};
+inline KernelScalar kernel_scalar(const char*, const char*, double value, at::TensorList, bool) {
+  return {value, {}};
+}
+// `emulated`: grid emulation, whose CPU tensors take the device path.
+inline KernelScalar kernel_scalar(const char* op, const char* name, const at::Tensor& t, at::TensorList params,
+                                  bool emulated) {
+  check_scalar_tensor(op, name, t);
+  if (t.device().is_cpu() && !emulated) return {host_scalar(op, name, t), {}};
   if (!params.empty() && params[0].defined())
-    TORCH_CHECK(lr.device() == params[0].device(), op, ": lr is on ", lr.device(), " but params[0] is on ",
-                params[0].device(), "; a tensor lr lies on the CPU or on the params' device");
-  return {0, lr.to(at::kDouble).reshape({1}).contiguous()};
+    TORCH_CHECK(t.device() == params[0].device(), op, ": ", name, " is on ", t.device(), " but params[0] is on ",
+                params[0].device(), "; a tensor ", name, " lies on the CPU or on the params' device");
+  return {0, t.to(at::kDouble).reshape({1}).contiguous()};
 }
 
 }  // namespace fusedopt
 
 namespace fusedopt {
 
+// Note [Tensor betas]
+// adam_ has a third overload, `.tensor_betas`, whose lr, beta1 and beta2 are
+// all one-element float32/float64 tensors: fusedopt.Adam given tensor betas,
+// as torch.optim.Adam takes them (`betas=(Tensor, Tensor)`, for a beta
+// schedule under torch.compile or in a CUDA graph). They go where a tensor lr
+// goes (Note [Tensor lr]). Under torch.compile they are graph inputs: a float
+// read from a tensor there is a symbolic value that a `float` argument cannot
+// take, so tracing the float op failed. A CPU tensor is read on the host and
+// checked like a float. One on the params' CUDA device is read by the kernels,
+// unchecked and with no host sync, so a captured step replays whatever the
+// tensors hold; each chunk computes the bias corrections 1 − β^t from that
+// double, as the host does, so the bits are the float op's for the same values
+// (grid emulation reads its CPU betas the device's way, through the pointers).
+// Only Adam has betas; the other ops keep two overloads. The Lr of
+// FUSEDOPT_FOR_EACH_OPTIMIZER_OP names the overload: double, const Tensor&,
+// or TensorBetas, whose lr and betas are tensors.
+struct TensorBetas {};
+template <typename Lr>
+using LrArg = std::conditional_t<std::is_same_v<Lr, TensorBetas>, const at::Tensor&, Lr>;
+template <typename Lr>
+using BetaArg = std::conditional_t<std::is_same_v<Lr, TensorBetas>, const at::Tensor&, double>;
+
 // The C++ signatures of the optimizer ops (the schemas of
 // csrc/registration.cpp), with lr a double or, in the `.tensor_lr` overload,
-// a tensor. Every device implements them (FUSEDOPT_IMPL_OPTIMIZERS checks that
+// a tensor (and adam_'s betas, Note [Tensor betas]). Every device implements them (FUSEDOPT_IMPL_OPTIMIZERS checks that
 // at compile time), the Autograd kernel (csrc/autograd.cpp) takes them
 // unboxed, and csrc/module.cpp calls them from Python (Note [Direct calls]).
 template <typename Lr>
@@ -201,8 +231,8 @@ using RmspropOp = void(at::TensorList params, at::TensorList grads, at::TensorLi
                        const std::optional<at::Tensor>& found_inf);
 template <typename Lr>
 using AdamOp = void(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                    at::TensorList max_exp_avg_sqs, at::TensorList steps, at::IntArrayRef indices, Lr lr,
-                    double beta1, double beta2, double eps, bool amsgrad, bool eps_inside_sqrt, double weight_decay,
+                    at::TensorList max_exp_avg_sqs, at::TensorList steps, at::IntArrayRef indices, LrArg<Lr> lr,
+                    BetaArg<Lr> beta1, BetaArg<Lr> beta2, double eps, bool amsgrad, bool eps_inside_sqrt, double weight_decay,
                     double l1_decay, bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed,
                     bool stochastic_rounding, const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf);
@@ -220,7 +250,8 @@ using AdamOp = void(at::TensorList params, at::TensorList grads, at::TensorList 
   X(RmspropOp, rmsprop_, double, "rmsprop_", "")                          \
   X(RmspropOp, rmsprop_, const at::Tensor&, "rmsprop_", "tensor_lr")      \
   X(AdamOp, adam_, double, "adam_", "")                                   \
-  X(AdamOp, adam_, const at::Tensor&, "adam_", "tensor_lr")
+  X(AdamOp, adam_, const at::Tensor&, "adam_", "tensor_lr")              \
+  X(AdamOp, adam_, ::fusedopt::TensorBetas, "adam_", "tensor_betas")
 
 // In a block, for an entry of FUSEDOPT_FOR_EACH_OPTIMIZER_OP: `registered`,
 // the name m.impl takes (NAME or NAME.OVERLOAD).

@@ -39,6 +39,8 @@ struct OptimizerCall {
   float grad_scale = 1;  // CPU: read on the host
   bool scaled = false;
   const double* lr = nullptr;  // CUDA, grid emulation: lr read by the kernel (Note [Tensor lr])
+  const double* beta1 = nullptr;  // Adam, the same for its betas (Note [Tensor betas])
+  const double* beta2 = nullptr;
 };
 
 }  // namespace fusedopt

@@ -177,6 +177,8 @@ struct Args {
   const float* grad_scale;  // null: no AMP unscaling
   const float* found_inf;   // null: never skipped
   const double* lr;         // null: common.lr (Note [Tensor lr])
+  const double* beta1;      // Adam, null: hyper.beta1 (Note [Tensor betas])
+  const double* beta2;      // Adam, null: hyper.beta2
 };
 
 // Note [Vector accesses]
@@ -396,7 +398,10 @@ struct AdamChunk {
   using S = typename OpMath<scalar_t>::type;
   FUSEDOPT_HD static void run(const Args& a, int64_t block, int64_t tid, int64_t threads) {
     optimizer_chunk<scalar_t, state_t, SR, N, MASK>(a, block, tid, threads, [&](int64_t t, const auto& pre, const auto& common) {
-      const auto c = math::adam_consts<S>(common, a.hyper, t);
+      math::AdamHyper h = a.hyper;
+      if (a.beta1 != nullptr) h.beta1 = *a.beta1;
+      if (a.beta2 != nullptr) h.beta2 = *a.beta2;
+      const auto c = math::adam_consts<S>(common, h, t);
       return [=](S* x, S keep) { math::adam_step<D, MASK, AMSGRAD>(x, keep, pre, c); };
     });
   }
@@ -471,6 +476,8 @@ void for_each_launch(const OptimizerCall<Hyper>& call, const float* grad_scale,
   args.grad_scale = grad_scale;
   args.found_inf = found_inf;
   args.lr = call.lr;
+  args.beta1 = call.beta1;
+  args.beta2 = call.beta2;
   plan(call.tensors, lim, args.tab, [&] { launch(static_cast<const typename Body::Args&>(args)); });
 }
 
