@@ -16,7 +16,7 @@ import torch
 import fusedopt
 import fusedopt._ext
 import fusedopt.reference as ref
-from test_gridemu import (DECAYS, DTYPES, EXTRAS, SEED, STATE_LISTS, VARIANTS, Case, _assert_bitwise, _call_betas,
+from test_gridemu import (DECAYS, DTYPES, EXTRAS, SEED, STATE_LISTS, VARIANTS, Case, _assert_bitwise, _call_with,
                           _dt)
 
 pytestmark = [pytest.mark.cuda,
@@ -224,12 +224,6 @@ def test_graph_capture_reads_amp_on_device(opt):
     assert [t.item() for t in want[1]] == [3, 5, 10]
 
 
-def _call_lr(case, op, tensors, steps, lr):
-    lists = [tensors[name] if name in tensors else [] for name, _ in STATE_LISTS[case.opt]]
-    options = {k: v for k, v in case.options.items() if k != "lr"}
-    op(tensors["params"], tensors["grads"], *lists, steps, case.indices, lr=lr, **options)
-
-
 @pytest.mark.parametrize("opt", list(VARIANTS))
 def test_graph_replays_a_tensor_lr_on_device(opt):
     """Note [Tensor lr]: an lr on the device is read by the kernels; a captured step replays whatever the
@@ -242,15 +236,15 @@ def test_graph_replays_a_tensor_lr_on_device(opt):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # load the kernel before capturing it
-        _call_lr(case, op.tensor_lr, *case.clone(CUDA), lr)
+        _call_with(case, op.tensor_lr, *case.clone(CUDA), lr=lr)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        _call_lr(case, op.tensor_lr, *dev, lr)
+        _call_with(case, op.tensor_lr, *dev, lr=lr)
     for value in (options["lr"], options["lr"] / 4, 0.0, options["lr"] * 3):
         lr.fill_(value)
         graph.replay()
-        _call_lr(case, op.default, *want, lr.item())
+        _call_with(case, op.default, *want, lr=lr.item())
     torch.cuda.synchronize()
     _assert_bitwise(to_cpu(dev), want, "tensor lr replay")
 
@@ -266,16 +260,16 @@ def test_graph_replays_tensor_betas_on_device():
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # load the kernel before capturing it
-        _call_betas(case, OPS.adam_.tensor_betas, *case.clone(CUDA), lr, beta1, beta2)
+        _call_with(case, OPS.adam_.tensor_betas, *case.clone(CUDA), lr=lr, beta1=beta1, beta2=beta2)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        _call_betas(case, OPS.adam_.tensor_betas, *dev, lr, beta1, beta2)
+        _call_with(case, OPS.adam_.tensor_betas, *dev, lr=lr, beta1=beta1, beta2=beta2)
     for b1, b2 in [(0.9, 0.999), (0.5, 0.9), (0.0, 0.99)]:
         beta1.fill_(b1)
         beta2.fill_(b2)
         graph.replay()
-        _call_betas(case, OPS.adam_.default, *want, lr.item(), beta1.item(), beta2.item())
+        _call_with(case, OPS.adam_.default, *want, lr=lr.item(), beta1=beta1.item(), beta2=beta2.item())
     torch.cuda.synchronize()
     _assert_bitwise(to_cpu(dev), want, "tensor betas replay")
 

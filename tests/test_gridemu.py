@@ -321,10 +321,11 @@ def test_bad_plan_limits(limits, plan):
         OPS._gridemu_sgd_([torch.zeros(3)], [torch.zeros(3)], [], [torch.zeros(())], [0], lr=0.1)
 
 
-def _call_lr(case, op, tensors, steps, lr):
+def _call_with(case, op, tensors, steps, **scalars):
+    """op on the case's tensors, with `scalars` (lr; Adam's betas) in place of the case's values for them."""
     lists = [tensors[name] if name in tensors else [] for name, _ in STATE_LISTS[case.opt]]
-    options = {k: v for k, v in case.options.items() if k != "lr"}
-    op(tensors["params"], tensors["grads"], *lists, steps, case.indices, lr=lr, **options)
+    options = {k: v for k, v in case.options.items() if k not in scalars}
+    op(tensors["params"], tensors["grads"], *lists, steps, case.indices, **scalars, **options)
 
 
 @pytest.mark.parametrize("opt", list(VARIANTS))
@@ -342,18 +343,11 @@ def test_tensor_lr(opt, lr_dtype, plan):
         want, emu, cpu = case.clone(), case.clone(), case.clone()
         for value in (lr.item(), lr.item() / 3):
             lr.fill_(value)
-            _call_lr(case, getattr(OPS, opt + "_").default, *want, lr.item())
-            _call_lr(case, getattr(OPS, "_gridemu_" + opt + "_").tensor_lr, *emu, lr)
-            _call_lr(case, getattr(OPS, opt + "_").tensor_lr, *cpu, lr)
+            _call_with(case, getattr(OPS, opt + "_").default, *want, lr=lr.item())
+            _call_with(case, getattr(OPS, "_gridemu_" + opt + "_").tensor_lr, *emu, lr=lr)
+            _call_with(case, getattr(OPS, opt + "_").tensor_lr, *cpu, lr=lr)
         _assert_bitwise(emu, want, f"emulated tensor lr {_dt(dtype)}")
         _assert_bitwise(cpu, want, f"CPU tensor lr {_dt(dtype)}")
-
-
-def _call_betas(case, op, tensors, steps, lr, beta1, beta2):
-    lists = [tensors[name] if name in tensors else [] for name, _ in STATE_LISTS["adam"]]
-    options = {k: v for k, v in case.options.items() if k not in ("lr", "beta1", "beta2")}
-    op(tensors["params"], tensors["grads"], *lists, steps, case.indices, lr=lr, beta1=beta1, beta2=beta2,
-       **options)
 
 
 @pytest.mark.parametrize("amsgrad", [False, True])
@@ -373,9 +367,9 @@ def test_tensor_betas(beta_dtype, amsgrad, plan):
         for b1, b2 in [(0.8, 0.99), (0.5, 0.9), (0.0, 0.999)]:
             beta1.fill_(b1)
             beta2.fill_(b2)
-            _call_betas(case, OPS.adam_.default, *want, lr.item(), beta1.item(), beta2.item())
-            _call_betas(case, OPS._gridemu_adam_.tensor_betas, *emu, lr, beta1, beta2)
-            _call_betas(case, OPS.adam_.tensor_betas, *cpu, lr, beta1, beta2)
+            _call_with(case, OPS.adam_.default, *want, lr=lr.item(), beta1=beta1.item(), beta2=beta2.item())
+            _call_with(case, OPS._gridemu_adam_.tensor_betas, *emu, lr=lr, beta1=beta1, beta2=beta2)
+            _call_with(case, OPS.adam_.tensor_betas, *cpu, lr=lr, beta1=beta1, beta2=beta2)
         _assert_bitwise(emu, want, f"emulated tensor betas {_dt(dtype)}")
         _assert_bitwise(cpu, want, f"CPU tensor betas {_dt(dtype)}")
 
