@@ -23,7 +23,7 @@ CSRC = ROOT / "csrc"
 ISAS = {
     "DEFAULT": [],
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-mbmi2"],
 }
 # -fopenmp: at::parallel_for is an inline OpenMP region; without the flag it
 # silently runs on one thread. -Wno-psabi: gcc notes, for every lambda taking a

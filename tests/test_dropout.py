@@ -145,6 +145,32 @@ def test_large_outputs_stream_the_same_values(isa, dtype, use_isa):
                    (res.to(s) + (x.to(s) + bias.to(s)) * m).to(dtype))
 
 
+@pytest.mark.parametrize("isa", SUPPORTED_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("stream", [False, True])
+def test_half_types_round_every_value(isa, dtype, stream, use_isa):
+    """All 2^16 bit patterns of the type (zeros, subnormals, the largest values, ±inf, NaNs), 67 more in the
+    scalar tail, or, tiled, enough to stream (Note [Streaming stores]); scaled by 1.5 (p = 1/3: x·1.5 is exact
+    in fp32 and, for an odd significand, a tie that round-to-nearest-even decides). Every result is the op-math
+    product rounded once to the type; a NaN where the product is one."""
+    use_isa(isa)
+    patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    reps = (16 << 20) // (2 * patterns.numel()) + 1 if stream else 1
+    x = torch.cat([patterns.repeat(reps), patterns[:67]])
+    for op in ["dropout", "bias_dropout_add"]:
+        if op == "dropout":
+            got = OPS.dropout(x, 1 / 3, draw(SEED, 3))
+            want, m = expected_dropout(x, 1 / 3, SEED, 3)
+        else:  # zero bias and residual: the same products, through bias_dropout_add's body
+            zero = torch.zeros_like(x)
+            got = OPS.bias_dropout_add(x, zero, zero, 1 / 3, draw(SEED, 3))
+            _, m = expected_dropout(x, 1 / 3, SEED, 3)
+            want = (0.0 + (x.float() + 0.0) * m).to(dtype)
+        nan = want.isnan()
+        assert torch.equal(got.isnan(), nan), op
+        assert_bitwise(got[~nan], want[~nan], op)
+
+
 def test_fp32_is_torch_native_dropout_given_the_mask():
     """(x·mask)·scale, torch's CPU native_dropout, with our mask: the same bits."""
     x = rand(4099, torch.float32)

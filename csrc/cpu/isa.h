@@ -19,7 +19,8 @@ inline Isa pick_isa() {
     __builtin_cpu_init();
 #ifndef FUSEDOPT_WITHOUT_AVX512
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("bmi2"))  // pext: Note [bf16 in lanes]
       return Isa::AVX512;
 #endif
 #ifndef FUSEDOPT_WITHOUT_AVX2

@@ -152,19 +152,55 @@ struct VecIo {
       hi.store(p + W);
     } else {
 #if defined(CPU_CAPABILITY_AVX512)
-      const __m512i raw = std::is_same_v<scalar_t, at::BFloat16> ? at::vec::cvtfp32_bf16(__m512(lo), __m512(hi))
-                                                                 : at::vec::cvtfp32_fp16(__m512(lo), __m512(hi));
-      _mm512_storeu_si512(p, raw);
+      _mm512_storeu_si512(p, pack2(lo, hi));
 #elif defined(CPU_CAPABILITY_AVX2)
-      const __m256i raw = std::is_same_v<scalar_t, at::BFloat16> ? at::vec::cvtfp32_bf16(__m256(lo), __m256(hi))
-                                                                 : at::vec::cvtfp32_fp16(__m256(lo), __m256(hi));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), raw);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), pack2(lo, hi));
 #else
       store(p, lo);
       store(p + W, hi);
 #endif
     }
   }
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  // store2 with non-temporal stores (Note [Streaming stores] in
+  // kernels/dropout.cpp): the same bits; p aligned to the 2W elements stored.
+  static void stream2(scalar_t* p, const V& lo, const V& hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      _mm512_stream_ps(p, lo);
+      _mm512_stream_ps(p + W, hi);
+    } else if constexpr (std::is_same_v<scalar_t, double>) {
+      _mm512_stream_pd(p, lo);
+      _mm512_stream_pd(p + W, hi);
+    } else {
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(p), pack2(lo, hi));
+    }
+#else
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      _mm256_stream_ps(p, lo);
+      _mm256_stream_ps(p + W, hi);
+    } else if constexpr (std::is_same_v<scalar_t, double>) {
+      _mm256_stream_pd(p, lo);
+      _mm256_stream_pd(p + W, hi);
+    } else {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), pack2(lo, hi));
+    }
+#endif
+  }
+
+  // Two float vectors as the 2W half-type values store2 writes.
+#if defined(CPU_CAPABILITY_AVX512)
+  static __m512i pack2(const V& lo, const V& hi) {
+    return std::is_same_v<scalar_t, at::BFloat16> ? at::vec::cvtfp32_bf16(__m512(lo), __m512(hi))
+                                                  : at::vec::cvtfp32_fp16(__m512(lo), __m512(hi));
+  }
+#else
+  static __m256i pack2(const V& lo, const V& hi) {
+    return std::is_same_v<scalar_t, at::BFloat16> ? at::vec::cvtfp32_bf16(__m256(lo), __m256(hi))
+                                                  : at::vec::cvtfp32_fp16(__m256(lo), __m256(hi));
+  }
+#endif
+#endif
   static V load(const scalar_t* p, int n) {
     if constexpr (std::is_same_v<scalar_t, S>) {
       return V::loadu(p, n);
@@ -184,6 +220,18 @@ struct VecIo {
     }
   }
 };
+
+#if defined(CPU_CAPABILITY_AVX512)
+// The bf16 of each fp32 lane in the low half of its 32-bit lane, rounded to
+// nearest even, a NaN as 0xFFFF: ATen's cvtfp32_bf16 before its pack, bit
+// for bit, with the NaN blend folded into the shift.
+inline __m512i bf16_bits(const at::vec::Vectorized<float>& v) {
+  const __m512i b = _mm512_castps_si512(__m512(v));
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  const __m512i t = _mm512_add_epi32(_mm512_add_epi32(b, lsb), _mm512_set1_epi32(0x7fff));
+  return _mm512_mask_srli_epi32(_mm512_set1_epi32(0xffff), _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), t, 16);
+}
+#endif
 
 // Stores the first n <= W lanes of an fp32 vector as bfloat16, lane k rounded
 // stochastically with u[k] (Note [Stochastic rounding]): the vector form of
