@@ -52,12 +52,13 @@ void for_each_chunk(const std::vector<TensorRef>& tensors, const F& fn) {
 struct KeepDraw {
   uint64_t seed = 0, offset = 0, threshold = 0;
 
-  // out[k] = 1 or 0: the keep bit of element i0 + k, for k < n. Drawn by the
-  // vector Philox a 64-element group at a time (philox_vec.h); the element
-  // loop asks for one vector at a time, so the last groups are cached.
+  // Lane k = 1 if element i0 + k is kept, else 0, for k < n (KeepCache::select).
+  // Drawn by the vector Philox a 64-element group at a time (philox_vec.h);
+  // the element loop asks for one vector at a time, so the last groups are
+  // cached.
   template <typename S>
-  void fill(S* out, int64_t i0, int64_t n) const {
-    cache.fill(Draw{seed, offset, threshold}, out, i0, n);
+  at::vec::Vectorized<S> select(int64_t i0, int n) const {
+    return cache.template select<S>(Draw{seed, offset, threshold}, i0, n);
   }
 
   mutable KeepCache cache;
@@ -143,12 +144,7 @@ inline void elementwise(void* const* ptr, int64_t begin, int64_t end, unsigned s
     });
     for (int m = 0; m < M; ++m) {
       V keep(S(1));
-      if constexpr (MASK) {
-        S bits[W];
-        if constexpr (!FULL) std::fill(bits, bits + W, S(0));
-        draw.fill(bits, i + m * W, FULL ? W : n);
-        keep = V::loadu(bits);
-      }
+      if constexpr (MASK) keep = draw.template select<S>(i + m * W, FULL ? W : n);
       body(x[m], keep);
     }
     for_each_list<N>([&]<int K>() {

@@ -339,16 +339,15 @@ class KeepCache {
     return n == 64 ? b : b & ((uint64_t(1) << n) - 1);
   }
 
-  // out[k] = 1 or 0: the keep bit of element i0 + k, for k < n.
+  // The op-math vector whose lane k is 1 if element i0 + k is kept, else 0
+  // (lanes k ≥ n: 0), for n ≤ its width.
   template <typename S>
-  void fill(const Draw& d, S* out, int64_t i0, int64_t n) {
+  at::vec::Vectorized<S> select(const Draw& d, int64_t i0, int n) {
     constexpr int W = at::vec::Vectorized<S>::size();
     const auto i = static_cast<uint64_t>(i0);
-    if (n == W && i % W == 0) {  // one aligned vector (W divides 64): the element loop's case
-      keep_select<S>(group(d, i >> 6) >> (i & 63), S(1)).store(out);
-      return;
-    }
-    for (int64_t k = 0; k < n; ++k) out[k] = S(bits(d, i + k, 1));
+    if (n == W && i % W == 0)  // one aligned vector (W divides 64): the element loop's case
+      return keep_select<S>(group(d, i >> 6) >> (i & 63), S(1));
+    return keep_select<S>(bits(d, i, n), S(1));
   }
 
  private:
