@@ -224,12 +224,19 @@ struct VecIo {
 #if defined(CPU_CAPABILITY_AVX512)
 // The bf16 of each fp32 lane in the low half of its 32-bit lane, rounded to
 // nearest even, a NaN as 0xFFFF: ATen's cvtfp32_bf16 before its pack, bit
-// for bit, with the NaN blend folded into the shift.
+// for bit (AVX512: with the NaN blend folded into the shift).
 inline __m512i bf16_bits(const at::vec::Vectorized<float>& v) {
   const __m512i b = _mm512_castps_si512(__m512(v));
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
   const __m512i t = _mm512_add_epi32(_mm512_add_epi32(b, lsb), _mm512_set1_epi32(0x7fff));
   return _mm512_mask_srli_epi32(_mm512_set1_epi32(0xffff), _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), t, 16);
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+inline __m256i bf16_bits(const at::vec::Vectorized<float>& v) {
+  const __m256i b = _mm256_castps_si256(__m256(v));
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  const __m256i t = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, lsb), _mm256_set1_epi32(0x7fff)), 16);
+  return _mm256_blendv_epi8(_mm256_set1_epi32(0xffff), t, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_ORD_Q)));
 }
 #endif
 

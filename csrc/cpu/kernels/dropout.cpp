@@ -99,26 +99,31 @@ void for_each_group(const DropoutCall& c, const std::array<Walk, K>& walks, cons
   });
 }
 
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 // Note [bf16 in lanes]
 // bf16 dropout is bound by its arithmetic, not by memory: on Zen 5 the keep
 // bits of 32M elements alone take 2.5 ms (2 threads), x.mul_(1) 1.9 ms, and
-// dropout took 4.1 ms, about their sum. ATen's conversions widen each 256-bit
-// half to fp32 in element order and pack the results back across lanes. Here
-// 32 elements stay in their 128-bit lanes: unpacking the words with zeros
-// makes elements 8L + 0..3 of lane L one fp32 vector and 8L + 4..7 another,
-// packus_epi32 of the two rounded vectors puts every element back in place,
-// and pext sorts the keep bits the same way (every AVX512 CPU has BMI2;
-// pick_isa checks). The arithmetic is math::dropout's and the rounding
-// ATen's (bf16_bits), so the bits are those of the pair path. Against that
-// path, 8x1024x4096 bf16, alternating builds: 2 threads 3.97-4.23 ->
-// 3.72-3.87 ms forward, 3.79-3.85 -> 3.72-3.79 in place; one thread 7.75-7.95
-// -> 7.52-7.68 forward.
+// dropout took 4.1 ms, about their sum. ATen's conversions widen each 128-bit
+// half of a vector's bf16s to fp32 in element order and pack the results
+// back across lanes. Here a vector's bf16s stay in their 128-bit lanes:
+// unpacking the words with zeros makes elements 8L + 0..3 of lane L one fp32
+// vector and 8L + 4..7 another, packus_epi32 of the two rounded vectors puts
+// every element back in place, and the keep bits are sorted the same way
+// (AVX512: pext; every AVX512 CPU has BMI2, and pick_isa checks; AVX2: one
+// variable shift moves each lane's bit to its sign, which blendv reads). The
+// arithmetic is math::dropout's and the rounding ATen's (bf16_bits), so the
+// bits are those of the pair path. Against that path, 8x1024x4096 bf16,
+// alternating builds, Zen 5: AVX512, 2 threads 3.97-4.23 -> 3.72-3.87 ms
+// forward, 3.79-3.85 -> 3.72-3.79 in place; one thread 7.75-7.95 -> 7.52-7.68
+// forward; AVX2 (run on the same Zen 5), 2 threads 9.17-9.27 -> 8.78-8.87 ms
+// forward, 9.06-9.11 -> 8.73-8.97 in place.
+constexpr int kLaneStep = 2 * at::vec::Vectorized<float>::size();
 
-// Elements x[0..31] dropped by bits (bit k: element k) into y[0..31].
+// Elements x[0..kLaneStep) dropped by bits (bit k: element k) into y.
 template <bool kStream>
 void dropout_bf16_lanes(const at::BFloat16* x, at::BFloat16* y, uint32_t bits, float scale) {
   using V = at::vec::Vectorized<float>;
+#if defined(CPU_CAPABILITY_AVX512)
   const __m512i raw = _mm512_loadu_si512(x), zero = _mm512_setzero_si512();
   const V lo(_mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, raw)));
   const V hi(_mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, raw)));
@@ -127,6 +132,20 @@ void dropout_bf16_lanes(const at::BFloat16* x, at::BFloat16* y, uint32_t bits, f
   const __m512i out = _mm512_packus_epi32(bf16_bits(math::dropout(lo, m_lo)), bf16_bits(math::dropout(hi, m_hi)));
   if constexpr (kStream) _mm512_stream_si512(reinterpret_cast<__m512i*>(y), out);
   else _mm512_storeu_si512(y, out);
+#else
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)), zero = _mm256_setzero_si256();
+  const V lo(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw)));  // elements 0-3, 8-11
+  const V hi(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw)));  // elements 4-7, 12-15
+  const __m256i b = _mm256_set1_epi32(static_cast<int>(bits));
+  const __m256 s = _mm256_set1_ps(scale), none = _mm256_setzero_ps();
+  const __m256i to_sign_lo = _mm256_setr_epi32(31, 30, 29, 28, 23, 22, 21, 20);  // bit e to bit 31: 31 - e
+  const __m256i to_sign_hi = _mm256_setr_epi32(27, 26, 25, 24, 19, 18, 17, 16);
+  const V m_lo(_mm256_blendv_ps(none, s, _mm256_castsi256_ps(_mm256_sllv_epi32(b, to_sign_lo))));
+  const V m_hi(_mm256_blendv_ps(none, s, _mm256_castsi256_ps(_mm256_sllv_epi32(b, to_sign_hi))));
+  const __m256i out = _mm256_packus_epi32(bf16_bits(math::dropout(lo, m_lo)), bf16_bits(math::dropout(hi, m_hi)));
+  if constexpr (kStream) _mm256_stream_si256(reinterpret_cast<__m256i*>(y), out);
+  else _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), out);
+#endif
 }
 #endif
 
@@ -155,9 +174,9 @@ void dropout_typed(const DropoutCall& c) {
   for_each_group<kStream>(c, walks, [x, y, n, scale](int64_t q, uint64_t bits) {
     const int64_t i0 = 64 * q;
     if (i0 + 64 <= n) {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
       if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-        for (int k = 0; k < 64; k += 32)
+        for (int k = 0; k < 64; k += kLaneStep)
           dropout_bf16_lanes<kStream>(x + i0 + k, y + i0 + k, static_cast<uint32_t>(bits >> k), scale);
         return;
       }
