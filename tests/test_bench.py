@@ -53,7 +53,7 @@ def test_cli_writes_every_row(tmp_path, capsys):
     assert not any(r["impl"] == "torch fused" for r in rows if r["optimizer"] == "rmsprop")  # torch has none
     drop = {(r["case"], r["impl"]) for r in data["dropout"]}
     for case in ("16M fp32", "8x1024x4096 bf16"):
-        for impl in ("fwd", "fwd, inplace", "fwd+bwd"):
+        for impl in ("fwd", "fwd, inplace", "fwd+bwd", "bias_dropout_add"):
             assert (case, f"fusedopt {impl}") in drop and (case, f"torch {impl}") in drop
     assert data["skipped"] == [] and data["mismatches"] == []
     assert (tmp_path / "results.png").stat().st_size > 0

@@ -396,8 +396,9 @@ def masked_ratios(rows):
 
 def bench_dropout(args, device, timer, yard, progress):
     """fusedopt's dropout against torch.nn.functional.dropout: forward, in-place forward and forward+backward,
-    interleaved, with the yardsticks timed per repetition for the "% of" columns. GB/s counts the bytes a
-    pass must move: read x, write y (2 per element a pass; fwd+bwd two passes)."""
+    and bias_dropout_add against torch's residual + dropout(x + bias), interleaved, with the yardsticks timed
+    per repetition for the "% of" columns. GB/s counts the arrays a pass must move: read x, write y (2 per
+    element a pass; fwd+bwd two passes; bias_dropout_add also reads the residual, 3)."""
     from fusedopt.nn import functional as F
 
     rows = []
@@ -405,6 +406,9 @@ def bench_dropout(args, device, timer, yard, progress):
     for label, shape, dtype in cases:
         x = torch.randn(shape, device=device).to(dtype).requires_grad_()
         dy = torch.randn(shape, device=device).to(dtype)
+        # bias_dropout_add on rows of 4096 (a transformer's hidden size), both cases
+        rows2d, res2d = x.detach().view(-1, 4096), dy.view(-1, 4096)
+        bias = torch.randn(4096, device=device).to(dtype)
         work = [x.detach().clone(), x.detach().clone()]  # in-place targets, one each
         impls = {
             "fusedopt fwd": lambda: F.dropout(x.detach(), 0.1, True),
@@ -414,6 +418,8 @@ def bench_dropout(args, device, timer, yard, progress):
             # autograd.grad, not backward(): accumulating into x.grad would add a pass of torch's own
             "fusedopt fwd+bwd": lambda: torch.autograd.grad(F.dropout(x, 0.1, True), x, dy),
             "torch fwd+bwd": lambda: torch.autograd.grad(torch.nn.functional.dropout(x, 0.1, True), x, dy),
+            "fusedopt bias_dropout_add": lambda: F.bias_dropout_add(rows2d, bias, res2d, 0.1, True),
+            "torch bias_dropout_add": lambda: res2d + torch.nn.functional.dropout(rows2d + bias, 0.1, True),
         }
         for f in impls.values():
             f()
@@ -429,8 +435,8 @@ def bench_dropout(args, device, timer, yard, progress):
         n = x.numel()
         for k, v in times.items():
             med = statistics.median(v)
-            passes = 2 if "fwd+bwd" in k else 1
-            gbs = passes * 2 * n * x.element_size() / med / 1e9
+            arrays = 4 if "fwd+bwd" in k else 3 if "bias_dropout_add" in k else 2
+            gbs = arrays * n * x.element_size() / med / 1e9
             torch_k = k.replace("fusedopt", "torch")
             rows.append({"case": label, "impl": k, "median_ms": med * 1e3, "gb_s": gbs,
                          **yard.columns(yard_times, gbs),
