@@ -224,33 +224,23 @@ void bias_dropout_add_typed(const DropoutCall& c) {
   for_each_group<kStream>(c, walks, [x, bias, res, y, n, h, scale](int64_t q, uint64_t bits) {
     const int64_t i0 = 64 * q;
     int64_t col = i0 % h;
-    // The bias of the W elements from column col on, wrapping around a row end; col moves on by W.
-    const auto next_bias = [&] {
-      V b;
-      if (col + W <= h) {
-        b = Io::load(bias + col);
-      } else {
-        S lanes[W];
-        for (int j = 0, cj = static_cast<int>(col); j < W; ++j, cj = cj + 1 == h ? 0 : cj + 1)
-          lanes[j] = static_cast<S>(bias[cj]);
-        b = V::loadu(lanes);
+    // The bias of the `count` elements from column col on, in element order: in place, or copied into
+    // buf where they wrap around a row end. col moves on by count.
+    const auto bias_run = [&](int count, scalar_t* buf) {
+      const scalar_t* b = bias + col;
+      if (col + count > h) {
+        for (int j = 0, cj = static_cast<int>(col); j < count; ++j, cj = cj + 1 == h ? 0 : cj + 1) buf[j] = bias[cj];
+        b = buf;
       }
-      for (col += W; col >= h;) col -= h;
+      for (col += count; col >= h;) col -= h;
       return b;
     };
     if (i0 + 64 <= n) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
       if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
         for (int k = 0; k < 64; k += kLaneStep) {
-          // The bias of elements i0 + k onwards, in element order (a copy where they wrap around a row end).
-          at::BFloat16 wrapped[kLaneStep];
-          const at::BFloat16* b = bias + col;
-          if (col + kLaneStep > h) {
-            for (int j = 0, cj = static_cast<int>(col); j < kLaneStep; ++j, cj = cj + 1 == h ? 0 : cj + 1)
-              wrapped[j] = bias[cj];
-            b = wrapped;
-          }
-          for (col += kLaneStep; col >= h;) col -= h;
+          at::BFloat16 buf[kLaneStep];
+          const at::BFloat16* b = bias_run(kLaneStep, buf);
           bf16_lanes<kStream>(std::array{x + i0 + k, b, res + i0 + k}, y + i0 + k, static_cast<uint32_t>(bits >> k),
                               scale, [](const V (&v)[3], const V& m) {
                                 return math::bias_dropout_add(v[0], v[1], v[2], m);
@@ -264,8 +254,9 @@ void bias_dropout_add_typed(const DropoutCall& c) {
         V x_lo, x_hi, r_lo, r_hi;
         Io::load2(x + i, x_lo, x_hi);
         Io::load2(res + i, r_lo, r_hi);
-        const V b_lo = next_bias();
-        const V b_hi = next_bias();
+        scalar_t buf[W];
+        const V b_lo = Io::load(bias_run(W, buf));
+        const V b_hi = Io::load(bias_run(W, buf));
         store2<kStream>(y + i, math::bias_dropout_add(x_lo, b_lo, r_lo, keep_select<S>(bits >> k, scale)),
                         math::bias_dropout_add(x_hi, b_hi, r_hi, keep_select<S>(bits >> (k + W), scale)));
       }
