@@ -158,8 +158,8 @@ class Keeper {
   }
 
   // out[j] bit k = keep of element 64·(q0 + j) + k, for j < kBatch.
-  void batch(uint64_t q0, uint64_t (&out)[kBatch]) const {
-    for (auto& o : out) o = 0;
+  void batch(uint64_t q0, uint64_t* out) const {
+    for (int j = 0; j < kBatch; ++j) out[j] = 0;
     if (d_.threshold == 0) return;
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
     // Vector v covers counters 16·q0 + v·kLanes onwards: 4·kLanes elements of group q0 + v·kLanes/16, from
@@ -323,9 +323,8 @@ inline at::vec::Vectorized<S> keep_select(uint64_t bits, S value) {
 #endif
 }
 
-// Keep bits of an arbitrary run of elements, for loops that walk a draw in
-// order but not a batch at a time (the optimizers' element loop, one vector
-// at a time; bias_dropout_add's backward, row by row). Two batches are cached,
+// Keep bits of an arbitrary run of elements, for a loop that walks a draw in
+// order but not a batch at a time (bias_dropout_add's backward, row by row). Two batches are cached,
 // so a run that straddles batches draws each once.
 class KeepCache {
  public:
@@ -337,17 +336,6 @@ class KeepCache {
     uint64_t b = group(d, q) >> s;
     if (s + n > 64) b |= group(d, q + 1) << (64 - s);
     return n == 64 ? b : b & ((uint64_t(1) << n) - 1);
-  }
-
-  // The op-math vector whose lane k is 1 if element i0 + k is kept, else 0
-  // (lanes k ≥ n: 0), for n ≤ its width.
-  template <typename S>
-  at::vec::Vectorized<S> select(const Draw& d, int64_t i0, int n) {
-    constexpr int W = at::vec::Vectorized<S>::size();
-    const auto i = static_cast<uint64_t>(i0);
-    if (n == W && i % W == 0)  // one aligned vector (W divides 64): the element loop's case
-      return keep_select<S>(group(d, i >> 6) >> (i & 63), S(1));
-    return keep_select<S>(bits(d, i, n), S(1));
   }
 
  private:
@@ -363,7 +351,7 @@ class KeepCache {
     if (!s.valid || s.b != b) refill(d, s, b);
     return s.bits[q - b * kBatch];
   }
-  // Out of line: the element loop's hot path is the cache hit above.
+  // Out of line: the row loop's hot path is the cache hit above.
   __attribute__((noinline)) void refill(const Draw& d, Slot& s, uint64_t b) {
     if (!keeper_) keeper_.emplace(d);
     keeper_->batch(b * kBatch, s.bits);
@@ -373,36 +361,6 @@ class KeepCache {
 
   Slot slot_[2];
   std::optional<Keeper> keeper_;  // made on first use, for the draw of that call
-};
-
-// The 16-bit halves of a draw's Philox words, low half first (stochastic
-// rounding: Note [Rounding stream] in fusedopt/philox.h), for a loop that
-// walks the draw in order a vector at a time; the last batch is cached.
-class HalfCache {
- public:
-  static constexpr int64_t kHalves = 128 * kBatch;  // halves per batch
-
-  // Halves i onwards of the draw, up to the end of i's batch of kHalves;
-  // valid until the next call.
-  const uint16_t* at(const Draw& d, int64_t i) {
-    static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "a word's low half is its first two bytes");
-    const uint64_t b = static_cast<uint64_t>(i) / kHalves;
-    if (!valid_ || b_ != b) refill(d, b);
-    return halves_ + (static_cast<uint64_t>(i) - b * kHalves);
-  }
-
- private:
-  __attribute__((noinline)) void refill(const Draw& d, uint64_t b) {
-    if (!keeper_) keeper_.emplace(d);
-    keeper_->words(b * kBatch, halves_);
-    b_ = b;
-    valid_ = true;
-  }
-
-  uint16_t halves_[kHalves];  // the batch's words, written as bytes, read as halves
-  uint64_t b_ = 0;  // batch index: halves [b·kHalves, (b + 1)·kHalves)
-  bool valid_ = false;
-  std::optional<Keeper> keeper_;
 };
 
 }  // namespace CPU_CAPABILITY
