@@ -138,10 +138,11 @@ __attribute__((always_inline)) inline void for_each_list(const F& f) {
 // plus the draw alone (dropout_keep_bits); AVX2 0.262-0.271 -> 0.190-0.207
 // ms. Out of cache (16.8M, 2 threads) 4.86-5.49 -> 4.40-4.74 ms against
 // 3.81-4.63 unmasked. Adam on 256K bf16 params with stochastic rounding:
-// 0.149-0.156 -> 0.094-0.104 ms against 0.080-0.086 rounded to nearest (AVX2
-// 0.224-0.251 -> 0.181-0.184, against 0.145-0.154). Drawing the next span before the rule runs on this one
-// (pipelined) measured the same: the draw and the rule compete for the same
-// vector pipes rather than wait on each other.
+// 0.149-0.156 -> 0.094-0.104 ms against 0.080-0.086 rounded to nearest
+// (AVX2 0.224-0.251 -> 0.181-0.184, against 0.145-0.154). Drawing the next
+// span before the rule runs on this one (pipelined) measured the same: the
+// draw and the rule compete for the same vector pipes rather than wait on
+// each other.
 //
 // Runs body(x, keep) over elements [begin, end): x[k] holds W elements (a
 // partial vector last) of the k-th array as op-math; arrays whose bit is set
