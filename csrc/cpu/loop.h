@@ -130,6 +130,20 @@ void for_each_chunk(const std::vector<TensorRef>& tensors, int64_t distance, con
   });
 }
 
+// Note [Partial vector tail]
+// The elements after the last whole vector of a run (all of a tensor smaller
+// than a vector: most of a 3000-small-tensor model) are one partial vector:
+// the first n lanes are loaded, the others are 0, the rule runs on the whole
+// vector and only the n lanes are stored. Every op of a rule is lane-wise and
+// IEEE (fo::fma fused, sqrt and / correctly rounded, also in the DEFAULT
+// build), so lane k holds the bits the scalar rule would give element k (but
+// for a NaN's payload and sign: ATen's vector maximum returns all-ones NaNs,
+// so every element now gets the whole vectors' NaN). The padding lanes may
+// compute 0/0; floating-point exceptions are masked (the C and torch
+// default), so that sets a flag at most and never traps, and those lanes are
+// never stored. Their keep bits are 0, and lane k's bit is element i + k's,
+// as in whole vectors.
+
 // f.template operator()<K>() for K = 0 .. N - 1, unrolled: list K's storage
 // type is a compile-time choice.
 template <int N, typename F>
@@ -214,6 +228,7 @@ inline void elementwise(void* const* ptr, int64_t begin, int64_t end, unsigned s
       if (!(stores >> K & 1u)) return;
       T* p = static_cast<T*>(ptr[K]) + i;
       if constexpr (K == 0 && SR) {
+        static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "a word's low half is its first two bytes");
         for (int m = 0; m < M; ++m) store_stochastic(p + m * W, x[m][K], halves + j + m * W, FULL ? W : n);
       } else if constexpr (M == 2) {
         VecIo<T>::store2(p, x[0][K], x[1][K]);

@@ -74,7 +74,7 @@ void prefetch_batch(const Walk& w, int64_t q, int64_t end) {
   const char* base = static_cast<const char*>(w.p);
   const int64_t last = 64 * end * w.elem;
   for (int64_t b = 64 * q * w.elem + kPrefetchBytes, e = b + 64 * kBatch * w.elem; b < e && b < last; b += 64)
-    __builtin_prefetch(base + b);
+    prefetch_line(base + b);  // Note [Prefetch instruction]
 }
 
 // Runs fn(q, bits) for every 64-element group q of [0, n) in parallel, with
