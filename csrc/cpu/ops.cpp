@@ -1,5 +1,6 @@
-// CPU implementations of the optimizer ops: validate, read the AMP tensors
-// and steps on the host, pick the ISA, run the kernel, advance the steps.
+// The CPU side of the optimizer ops (Note [Device ops] in fusedopt/calls.h):
+// read the AMP tensors and steps on the host, pick the ISA, run the kernel,
+// advance the steps. And stream_, the bench's bandwidth yardstick.
 #include <torch/library.h>
 
 #include <cmath>
@@ -45,69 +46,19 @@ void end_step(const OptimizerCall<Hyper>& call) {
   }
 }
 
-constexpr auto kCPU = c10::DeviceType::CPU;
-
-template <typename Lr>
-void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-          at::TensorList steps, at::IntArrayRef indices, Lr lr, double momentum, double dampening,
-          bool nesterov, bool ema_momentum, double weight_decay, double l1_decay, bool decoupled,
-          bool maximize, double grad_keep_prob, int64_t grad_mask_seed, bool stochastic_rounding,
-          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const double lr_host = host_scalar("sgd_", "lr", lr);
-  auto call = sgd_call(params, grads, momentum_buffers, steps, indices, lr_host, momentum, dampening, nesterov,
-                       ema_momentum, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed, stochastic_rounding,
-                       grad_scale, found_inf, kCPU);
-  if (!begin_step(call, grad_scale, found_inf)) return;
-  FUSEDOPT_ISA_CALL(sgd, call);
-  end_step(call);
-}
-
-template <typename Lr>
-void adagrad_(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList steps,
-              at::IntArrayRef indices, Lr lr, double lr_decay, double eps, double weight_decay,
-              double l1_decay, bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed, bool stochastic_rounding,
-              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const double lr_host = host_scalar("adagrad_", "lr", lr);
-  auto call = adagrad_call(params, grads, state_sums, steps, indices, lr_host, lr_decay, eps, weight_decay,
-                           l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed, stochastic_rounding, grad_scale, found_inf,
-                           kCPU);
-  if (!begin_step(call, grad_scale, found_inf)) return;
-  FUSEDOPT_ISA_CALL(adagrad, call);
-  end_step(call);
-}
-
-template <typename Lr>
-void rmsprop_(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
-              at::TensorList grad_avgs, at::TensorList momentum_buffers, at::TensorList steps,
-              at::IntArrayRef indices, Lr lr, double alpha, double eps, double momentum, bool centered,
-              double weight_decay, double l1_decay, bool decoupled, bool maximize, double grad_keep_prob,
-              int64_t grad_mask_seed, bool stochastic_rounding, const std::optional<at::Tensor>& grad_scale,
-              const std::optional<at::Tensor>& found_inf) {
-  const double lr_host = host_scalar("rmsprop_", "lr", lr);
-  auto call = rmsprop_call(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, indices, lr_host, alpha,
-                           eps, momentum, centered, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob,
-                           grad_mask_seed, stochastic_rounding, grad_scale, found_inf, kCPU);
-  if (!begin_step(call, grad_scale, found_inf)) return;
-  FUSEDOPT_ISA_CALL(rmsprop, call);
-  end_step(call);
-}
-
-template <typename Lr>
-void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-           at::TensorList max_exp_avg_sqs, at::TensorList steps, at::IntArrayRef indices, LrArg<Lr> lr,
-           BetaArg<Lr> beta1, BetaArg<Lr> beta2, double eps, bool amsgrad, bool eps_inside_sqrt, double weight_decay,
-           double l1_decay, bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed, bool stochastic_rounding,
-           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const double lr_host = host_scalar("adam_", "lr", lr);
-  const double beta1_host = host_scalar("adam_", "beta1", beta1);
-  const double beta2_host = host_scalar("adam_", "beta2", beta2);
-  auto call = adam_call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, indices, lr_host, beta1_host,
-                        beta2_host, eps, amsgrad, eps_inside_sqrt, weight_decay, l1_decay, decoupled, maximize,
-                        grad_keep_prob, grad_mask_seed, stochastic_rounding, grad_scale, found_inf, kCPU);
-  if (!begin_step(call, grad_scale, found_inf)) return;
-  FUSEDOPT_ISA_CALL(adam, call);
-  end_step(call);
-}
+// Options are read on the host; the kernel is that of the ISA pick_isa() returns.
+struct Device {
+  static constexpr c10::DeviceType kType = c10::DeviceType::CPU;
+  static constexpr bool kOneDevice = false;
+  static constexpr Options kOptions = Options::kHost;
+  template <typename Hyper>
+  static void run(OptimizerCall<Hyper>& call, at::TensorList, at::TensorList,
+                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+    if (!begin_step(call, grad_scale, found_inf)) return;
+    FUSEDOPT_ISA_CALL(update, call);
+    end_step(call);
+  }
+};
 
 void stream_(const at::Tensor& a, const at::Tensor& b, double s) {
   TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), "stream_: expected CPU tensors");
@@ -120,14 +71,14 @@ void stream_(const at::Tensor& a, const at::Tensor& b, double s) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedopt, CPU, m) {
-  FUSEDOPT_IMPL_OPTIMIZERS(m, "");
+  FUSEDOPT_IMPL_OPTIMIZERS(m, "", Device);
   m.impl("stream_", &stream_);
 }
 
 // A sparse gradient dispatches here; gather() rejects it with a plain message
 // instead of the dispatcher's "could not run with SparseCPU".
 TORCH_LIBRARY_IMPL(fusedopt, SparseCPU, m) {
-  FUSEDOPT_IMPL_OPTIMIZERS(m, "");
+  FUSEDOPT_IMPL_OPTIMIZERS(m, "", Device);
 }
 
 }  // namespace fusedopt::cpu

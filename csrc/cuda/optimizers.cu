@@ -23,91 +23,29 @@ const float* scalar_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<float>() : nullptr;
 }
 
-// The update launches, then the step launches (Note [Steps on the device]).
-template <typename Hyper>
-void run(const OptimizerCall<Hyper>& call, const at::Tensor& first, at::TensorList steps,
-         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  if (call.tensors.empty()) return;
-  const c10::cuda::CUDAGuard guard(first.device());
-  const Launch l{c10::cuda::getCurrentCUDAStream(first.device().index()), scalar_ptr(grad_scale),
-                 scalar_ptr(found_inf)};
-  update(call, l);
-  static_assert(sizeof(mta::StepArgs) <= kMaxArgBytes, "step table exceeds the kernel argument space");
-  mta::for_each_step_launch(steps, l.found_inf, mta::StepTable::K, mta::kStepThreads,
-                            [&](const mta::StepArgs& args, int64_t blocks) {
-                              step_kernel<<<blocks, mta::kStepThreads, 0, l.stream>>>(args);
-                              C10_CUDA_KERNEL_LAUNCH_CHECK();
-                            });
-}
-
-template <typename Lr>
-void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, at::TensorList steps,
-          at::IntArrayRef indices, Lr lr, double momentum, double dampening, bool nesterov, bool ema_momentum,
-          double weight_decay, double l1_decay, bool decoupled, bool maximize, double grad_keep_prob,
-          int64_t grad_mask_seed, bool stochastic_rounding, const std::optional<at::Tensor>& grad_scale,
-          const std::optional<at::Tensor>& found_inf) {
-  check_one_device("sgd_", {{"params", params}, {"grads", grads}, {"momentum_buffers", momentum_buffers},
-                            {"steps", steps}}, grad_scale, found_inf);
-  const KernelScalar klr = kernel_scalar("sgd_", "lr", lr, params, false);
-  auto call = sgd_call(params, grads, momentum_buffers, steps, indices, klr.value, momentum, dampening, nesterov,
-                       ema_momentum, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob,
-                       grad_mask_seed, stochastic_rounding, grad_scale, found_inf, c10::DeviceType::CUDA);
-  call.lr = klr.ptr();
-  if (!params.empty()) run(call, params[0], steps, grad_scale, found_inf);
-}
-
-template <typename Lr>
-void adagrad_(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList steps,
-              at::IntArrayRef indices, Lr lr, double lr_decay, double eps, double weight_decay,
-              double l1_decay, bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed, bool stochastic_rounding,
-              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  check_one_device("adagrad_", {{"params", params}, {"grads", grads}, {"state_sums", state_sums},
-                                {"steps", steps}}, grad_scale, found_inf);
-  const KernelScalar klr = kernel_scalar("adagrad_", "lr", lr, params, false);
-  auto call = adagrad_call(params, grads, state_sums, steps, indices, klr.value, lr_decay, eps, weight_decay,
-                           l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed, stochastic_rounding, grad_scale,
-                           found_inf, c10::DeviceType::CUDA);
-  call.lr = klr.ptr();
-  if (!params.empty()) run(call, params[0], steps, grad_scale, found_inf);
-}
-
-template <typename Lr>
-void rmsprop_(at::TensorList params, at::TensorList grads, at::TensorList square_avgs, at::TensorList grad_avgs,
-              at::TensorList momentum_buffers, at::TensorList steps, at::IntArrayRef indices, Lr lr,
-              double alpha, double eps, double momentum, bool centered, double weight_decay, double l1_decay,
-              bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed, bool stochastic_rounding,
-              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  check_one_device("rmsprop_", {{"params", params}, {"grads", grads}, {"square_avgs", square_avgs},
-                                {"grad_avgs", grad_avgs}, {"momentum_buffers", momentum_buffers},
-                                {"steps", steps}}, grad_scale, found_inf);
-  const KernelScalar klr = kernel_scalar("rmsprop_", "lr", lr, params, false);
-  auto call = rmsprop_call(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, indices, klr.value,
-                           alpha, eps, momentum, centered, weight_decay, l1_decay, decoupled, maximize,
-                           grad_keep_prob, grad_mask_seed, stochastic_rounding, grad_scale, found_inf, c10::DeviceType::CUDA);
-  call.lr = klr.ptr();
-  if (!params.empty()) run(call, params[0], steps, grad_scale, found_inf);
-}
-
-template <typename Lr>
-void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-           at::TensorList max_exp_avg_sqs, at::TensorList steps, at::IntArrayRef indices, LrArg<Lr> lr, BetaArg<Lr> beta1,
-           BetaArg<Lr> beta2, double eps, bool amsgrad, bool eps_inside_sqrt, double weight_decay, double l1_decay,
-           bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed, bool stochastic_rounding,
-           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  check_one_device("adam_", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
-                             {"exp_avg_sqs", exp_avg_sqs}, {"max_exp_avg_sqs", max_exp_avg_sqs},
-                             {"steps", steps}}, grad_scale, found_inf);
-  const KernelScalar klr = kernel_scalar("adam_", "lr", lr, params, false);
-  const KernelScalar kb1 = kernel_scalar("adam_", "beta1", beta1, params, false);
-  const KernelScalar kb2 = kernel_scalar("adam_", "beta2", beta2, params, false);
-  auto call = adam_call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, indices, klr.value, kb1.value,
-                        kb2.value, eps, amsgrad, eps_inside_sqrt, weight_decay, l1_decay, decoupled, maximize,
-                        grad_keep_prob, grad_mask_seed, stochastic_rounding, grad_scale, found_inf, c10::DeviceType::CUDA);
-  call.lr = klr.ptr();
-  call.beta1 = kb1.ptr();
-  call.beta2 = kb2.ptr();
-  if (!params.empty()) run(call, params[0], steps, grad_scale, found_inf);
-}
+// The CUDA side of the optimizer ops (Note [Device ops]): a tensor option on
+// the device is read by the kernels; the update launches, then the step
+// launches (Note [Steps on the device]) on the current stream.
+struct Device {
+  static constexpr c10::DeviceType kType = c10::DeviceType::CUDA;
+  static constexpr bool kOneDevice = true;
+  static constexpr Options kOptions = Options::kDevice;
+  template <typename Hyper>
+  static void run(const OptimizerCall<Hyper>& call, at::TensorList params, at::TensorList steps,
+                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+    if (call.tensors.empty()) return;
+    const c10::cuda::CUDAGuard guard(params[0].device());
+    const Launch l{c10::cuda::getCurrentCUDAStream(params[0].device().index()), scalar_ptr(grad_scale),
+                   scalar_ptr(found_inf)};
+    update(call, l);
+    static_assert(sizeof(mta::StepArgs) <= kMaxArgBytes, "step table exceeds the kernel argument space");
+    mta::for_each_step_launch(steps, l.found_inf, mta::StepTable::K, mta::kStepThreads,
+                              [&](const mta::StepArgs& args, int64_t blocks) {
+                                step_kernel<<<blocks, mta::kStepThreads, 0, l.stream>>>(args);
+                                C10_CUDA_KERNEL_LAUNCH_CHECK();
+                              });
+  }
+};
 
 // a += s·b, 4 elements (one 16-byte access per array) per thread when both are
 // 16-byte aligned, else one; the first threads also take the < 4-element tail.
@@ -155,7 +93,7 @@ void stream_(const at::Tensor& a, const at::Tensor& b, double s) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedopt, CUDA, m) {
-  FUSEDOPT_IMPL_OPTIMIZERS(m, "");
+  FUSEDOPT_IMPL_OPTIMIZERS(m, "", Device);
   m.impl("stream_", &stream_);
 }
 

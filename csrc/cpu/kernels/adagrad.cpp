@@ -4,7 +4,7 @@
 
 namespace fusedopt::cpu::CPU_CAPABILITY {
 
-void adagrad(const OptimizerCall<math::AdagradHyper>& call) {
+void update(const OptimizerCall<math::AdagradHyper>& call) {
   FUSEDOPT_BOOL_SWITCH(call.common.masked(), MASK, [&] {
     FUSEDOPT_DECAY_SWITCH(call.common.decay(), DECAY, [&] {
       run_optimizer<3, MASK>(call, [&](int64_t step, auto s) {

@@ -4,7 +4,7 @@
 
 namespace fusedopt::cpu::CPU_CAPABILITY {
 
-void adam(const OptimizerCall<math::AdamHyper>& call) {
+void update(const OptimizerCall<math::AdamHyper>& call) {
   FUSEDOPT_BOOL_SWITCH(call.common.masked(), MASK, [&] {
     FUSEDOPT_DECAY_SWITCH(call.common.decay(), DECAY, [&] {
       FUSEDOPT_BOOL_SWITCH(call.hyper.amsgrad, AMSGRAD, [&] {

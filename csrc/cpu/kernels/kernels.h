@@ -10,10 +10,10 @@
 
 #define FUSEDOPT_DECLARE_CPU_KERNELS(ISA)                                      \
   namespace fusedopt::cpu::ISA {                                               \
-  void sgd(const OptimizerCall<math::SgdHyper>& call);                         \
-  void adagrad(const OptimizerCall<math::AdagradHyper>& call);                 \
-  void rmsprop(const OptimizerCall<math::RmspropHyper>& call);                 \
-  void adam(const OptimizerCall<math::AdamHyper>& call);                       \
+  void update(const OptimizerCall<math::SgdHyper>& call);                    \
+  void update(const OptimizerCall<math::AdagradHyper>& call);                \
+  void update(const OptimizerCall<math::RmspropHyper>& call);                \
+  void update(const OptimizerCall<math::AdamHyper>& call);                   \
   void stream(float* a, const float* b, float s, int64_t n);                   \
   /* dropout (kernels/dropout.cpp, ops in dropout_ops.cpp) */                  \
   void dropout(const DropoutCall& c);                                          \

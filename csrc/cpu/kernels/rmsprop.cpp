@@ -4,7 +4,7 @@
 
 namespace fusedopt::cpu::CPU_CAPABILITY {
 
-void rmsprop(const OptimizerCall<math::RmspropHyper>& call) {
+void update(const OptimizerCall<math::RmspropHyper>& call) {
   FUSEDOPT_BOOL_SWITCH(call.common.masked(), MASK, [&] {
     FUSEDOPT_DECAY_SWITCH(call.common.decay(), DECAY, [&] {
       FUSEDOPT_BOOL_SWITCH(call.hyper.centered, CENTERED, [&] {

@@ -4,7 +4,7 @@
 
 namespace fusedopt::cpu::CPU_CAPABILITY {
 
-void sgd(const OptimizerCall<math::SgdHyper>& call) {
+void update(const OptimizerCall<math::SgdHyper>& call) {
   const bool momentum = call.hyper.momentum != 0;
   FUSEDOPT_BOOL_SWITCH(call.common.masked(), MASK, [&] {
     FUSEDOPT_DECAY_SWITCH(call.common.decay(), DECAY, [&] {

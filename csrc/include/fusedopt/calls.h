@@ -1,9 +1,8 @@
 #pragma once
-// The front half of every optimizer op, for any device: validate the options
-// and the lists, and return the call a kernel runs. Used by the CPU ops
-// (csrc/cpu/ops.cpp), the CUDA ops and their host emulation
-// (csrc/cpu/gridemu.cpp), so all reject exactly the same inputs with the same
-// messages.
+// The optimizer ops, written once for every device (Note [Device ops]):
+// validate the options and the lists, build the call a kernel runs, and hand
+// it to the device: the CPU ops (csrc/cpu/ops.cpp), the CUDA ops and their
+// host emulation (csrc/cpu/gridemu.cpp).
 #include <ATen/ATen.h>
 
 #include <cmath>
@@ -43,90 +42,6 @@ inline void check_one_device(const char* op, std::initializer_list<std::pair<con
   if (found_inf) see(*found_inf, "found_inf", 0);
 }
 
-inline OptimizerCall<math::SgdHyper> sgd_call(
-    at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, at::TensorList steps,
-    at::IntArrayRef indices, double lr, double momentum, double dampening, bool nesterov, bool ema_momentum,
-    double weight_decay, double l1_decay, bool decoupled, bool maximize, double grad_keep_prob,
-    int64_t grad_mask_seed, bool stochastic_rounding, const std::optional<at::Tensor>& grad_scale,
-    const std::optional<at::Tensor>& found_inf, c10::DeviceType device_type) {
-  OptimizerCall<math::SgdHyper> call;
-  call.common = make_common(lr, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed,
-                            stochastic_rounding);
-  check_hyper(std::isfinite(momentum) && momentum >= 0, "momentum", momentum);
-  check_hyper(std::isfinite(dampening), "dampening", dampening);
-  TORCH_CHECK(!nesterov || (momentum > 0 && dampening == 0),
-              "fusedopt: nesterov momentum requires a momentum and zero dampening");
-  TORCH_CHECK(!ema_momentum || dampening == 0, "fusedopt: ema_momentum requires dampening=0");
-  TORCH_CHECK(!(nesterov && ema_momentum), "fusedopt: nesterov and ema_momentum are exclusive");
-  call.hyper = {momentum, dampening, nesterov, ema_momentum};
-  gather("sgd_", call, params, grads, {{"momentum_buffers", momentum_buffers, momentum != 0}}, steps, indices,
-         grad_scale, found_inf, device_type);
-  return call;
-}
-
-inline OptimizerCall<math::AdagradHyper> adagrad_call(
-    at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList steps,
-    at::IntArrayRef indices, double lr, double lr_decay, double eps, double weight_decay, double l1_decay,
-    bool decoupled, bool maximize, double grad_keep_prob,
-    int64_t grad_mask_seed, bool stochastic_rounding,
-    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-    c10::DeviceType device_type) {
-  OptimizerCall<math::AdagradHyper> call;
-  call.common = make_common(lr, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed,
-                            stochastic_rounding);
-  check_hyper(std::isfinite(lr_decay) && lr_decay >= 0, "lr_decay", lr_decay);
-  check_hyper(std::isfinite(eps) && eps >= 0, "eps", eps);
-  call.hyper = {lr_decay, eps};
-  gather("adagrad_", call, params, grads, {{"state_sums", state_sums, true}}, steps, indices, grad_scale,
-         found_inf, device_type);
-  return call;
-}
-
-inline OptimizerCall<math::RmspropHyper> rmsprop_call(
-    at::TensorList params, at::TensorList grads, at::TensorList square_avgs, at::TensorList grad_avgs,
-    at::TensorList momentum_buffers, at::TensorList steps, at::IntArrayRef indices, double lr, double alpha,
-    double eps, double momentum, bool centered, double weight_decay, double l1_decay, bool decoupled,
-    bool maximize, double grad_keep_prob,
-    int64_t grad_mask_seed, bool stochastic_rounding, const std::optional<at::Tensor>& grad_scale,
-    const std::optional<at::Tensor>& found_inf, c10::DeviceType device_type) {
-  OptimizerCall<math::RmspropHyper> call;
-  call.common = make_common(lr, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed,
-                            stochastic_rounding);
-  check_hyper(std::isfinite(alpha) && alpha >= 0, "alpha", alpha);
-  check_hyper(std::isfinite(eps) && eps >= 0, "eps", eps);
-  check_hyper(std::isfinite(momentum) && momentum >= 0, "momentum", momentum);
-  call.hyper = {alpha, eps, momentum, centered};
-  gather("rmsprop_", call, params, grads,
-         {{"square_avgs", square_avgs, true},
-          {"grad_avgs", grad_avgs, centered},
-          {"momentum_buffers", momentum_buffers, momentum > 0}},
-         steps, indices, grad_scale, found_inf, device_type);
-  return call;
-}
-
-inline OptimizerCall<math::AdamHyper> adam_call(
-    at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-    at::TensorList max_exp_avg_sqs, at::TensorList steps, at::IntArrayRef indices, double lr, double beta1,
-    double beta2, double eps, bool amsgrad, bool eps_inside_sqrt, double weight_decay, double l1_decay,
-    bool decoupled, bool maximize, double grad_keep_prob,
-    int64_t grad_mask_seed, bool stochastic_rounding,
-    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-    c10::DeviceType device_type) {
-  OptimizerCall<math::AdamHyper> call;
-  call.common = make_common(lr, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed,
-                            stochastic_rounding);
-  check_hyper(beta1 >= 0 && beta1 < 1, "beta1", beta1);
-  check_hyper(beta2 >= 0 && beta2 < 1, "beta2", beta2);
-  check_hyper(std::isfinite(eps) && eps >= 0, "eps", eps);
-  call.hyper = {beta1, beta2, eps, amsgrad, eps_inside_sqrt};
-  gather("adam_", call, params, grads,
-         {{"exp_avgs", exp_avgs, true},
-          {"exp_avg_sqs", exp_avg_sqs, true},
-          {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}},
-         steps, indices, grad_scale, found_inf, device_type);
-  return call;
-}
-
 // Note [Tensor lr]
 // Each optimizer op has a `.tensor_lr` overload (as torch's fused optimizers
 // do) whose lr is a one-element float32/float64 tensor. Under torch.compile a
@@ -156,32 +71,34 @@ inline double host_scalar(const char* op, const char* name, const at::Tensor& t)
   return t.scalar_type() == at::kDouble ? *t.const_data_ptr<double>() : *t.const_data_ptr<float>();
 }
 
-// An option (lr, β1, β2) as a launch plan takes it: `value` for the checks and
-// the host side, and `tensor` (float64, on the params' device) when the
-// kernels read it instead.
+// Where a device's kernels take an option (lr, β1, β2): its value, read on
+// the host (CPU); or, given as a tensor, through a pointer (CUDA, where a CPU
+// tensor is read on the host; grid emulation, whose CPU tensors take the
+// device path).
+enum class Options { kHost, kDevice, kEmulated };
+
+// An option as a device takes it: `value` for the checks and the host side,
+// and `tensor` (float64, on the params' device) when the kernels read it.
 struct KernelScalar {
   double value = 0;
   at::Tensor tensor;
   const double* ptr() const { return tensor.defined() ? tensor.const_data_ptr<double>() : nullptr; }
 };
 
-inline KernelScalar kernel_scalar(const char*, const char*, double value, at::TensorList, bool) {
+template <Options Where>
+KernelScalar kernel_scalar(const char*, const char*, double value, at::TensorList) {
   return {value, {}};
 }
-// `emulated`: grid emulation, whose CPU tensors take the device path.
-inline KernelScalar kernel_scalar(const char* op, const char* name, const at::Tensor& t, at::TensorList params,
-                                  bool emulated) {
+template <Options Where>
+KernelScalar kernel_scalar(const char* op, const char* name, const at::Tensor& t, at::TensorList params) {
+  if (Where == Options::kHost || (Where == Options::kDevice && t.device().is_cpu()))
+    return {host_scalar(op, name, t), {}};
   check_scalar_tensor(op, name, t);
-  if (t.device().is_cpu() && !emulated) return {host_scalar(op, name, t), {}};
   if (!params.empty() && params[0].defined())
     TORCH_CHECK(t.device() == params[0].device(), op, ": ", name, " is on ", t.device(), " but params[0] is on ",
                 params[0].device(), "; a tensor ", name, " lies on the CPU or on the params' device");
   return {0, t.to(at::kDouble).reshape({1}).contiguous()};
 }
-
-}  // namespace fusedopt
-
-namespace fusedopt {
 
 // Note [Tensor betas]
 // adam_ has a third overload, `.tensor_betas`, whose lr, beta1 and beta2 are
@@ -207,9 +124,10 @@ using BetaArg = std::conditional_t<std::is_same_v<Lr, TensorBetas>, const at::Te
 
 // The C++ signatures of the optimizer ops (the schemas of
 // csrc/registration.cpp), with lr a double or, in the `.tensor_lr` overload,
-// a tensor (and adam_'s betas, Note [Tensor betas]). Every device implements them (FUSEDOPT_IMPL_OPTIMIZERS checks that
-// at compile time), the Autograd kernel (csrc/autograd.cpp) takes them
-// unboxed, and csrc/module.cpp calls them from Python (Note [Direct calls]).
+// a tensor (and adam_'s betas, Note [Tensor betas]). The ops below implement
+// them for every device (FUSEDOPT_IMPL_OPTIMIZERS checks that at compile
+// time), the Autograd kernel (csrc/autograd.cpp) takes them unboxed, and
+// csrc/module.cpp calls them from Python (Note [Direct calls]).
 template <typename Lr>
 using SgdOp = void(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                    at::TensorList steps, at::IntArrayRef indices, Lr lr, double momentum, double dampening,
@@ -237,11 +155,128 @@ using AdamOp = void(at::TensorList params, at::TensorList grads, at::TensorList 
                     bool stochastic_rounding, const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf);
 
+// Note [Device ops]
+// Each optimizer op is written once, here, for every device. A device
+// (csrc/cpu/ops.cpp, csrc/cuda/optimizers.cu and its host emulation
+// csrc/cpu/gridemu.cpp) supplies only what differs:
+//   kType      the device type gather() expects of the tensors;
+//   kOneDevice whether check_one_device() runs first (CUDA);
+//   kOptions   where its kernels take lr (and Adam's betas) from;
+//   run(call, params, steps, grad_scale, found_inf)
+//              runs the validated call and advances the steps.
+// So every device rejects exactly the same inputs with the same messages, and
+// an option is added here and in the schema, nowhere else.
+template <typename Device, typename Lr>
+void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, at::TensorList steps,
+          at::IntArrayRef indices, Lr lr, double momentum, double dampening, bool nesterov, bool ema_momentum,
+          double weight_decay, double l1_decay, bool decoupled, bool maximize, double grad_keep_prob,
+          int64_t grad_mask_seed, bool stochastic_rounding, const std::optional<at::Tensor>& grad_scale,
+          const std::optional<at::Tensor>& found_inf) {
+  if constexpr (Device::kOneDevice)
+    check_one_device("sgd_", {{"params", params}, {"grads", grads}, {"momentum_buffers", momentum_buffers},
+                              {"steps", steps}}, grad_scale, found_inf);
+  const KernelScalar klr = kernel_scalar<Device::kOptions>("sgd_", "lr", lr, params);
+  OptimizerCall<math::SgdHyper> call;
+  call.common = make_common(klr.value, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed,
+                            stochastic_rounding);
+  check_hyper(std::isfinite(momentum) && momentum >= 0, "momentum", momentum);
+  check_hyper(std::isfinite(dampening), "dampening", dampening);
+  TORCH_CHECK(!nesterov || (momentum > 0 && dampening == 0),
+              "fusedopt: nesterov momentum requires a momentum and zero dampening");
+  TORCH_CHECK(!ema_momentum || dampening == 0, "fusedopt: ema_momentum requires dampening=0");
+  TORCH_CHECK(!(nesterov && ema_momentum), "fusedopt: nesterov and ema_momentum are exclusive");
+  call.hyper = {momentum, dampening, nesterov, ema_momentum};
+  gather("sgd_", call, params, grads, {{"momentum_buffers", momentum_buffers, momentum != 0}}, steps, indices,
+         grad_scale, found_inf, Device::kType);
+  call.lr = klr.ptr();
+  Device::run(call, params, steps, grad_scale, found_inf);
+}
+
+template <typename Device, typename Lr>
+void adagrad_(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList steps,
+              at::IntArrayRef indices, Lr lr, double lr_decay, double eps, double weight_decay, double l1_decay,
+              bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed, bool stochastic_rounding,
+              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  if constexpr (Device::kOneDevice)
+    check_one_device("adagrad_", {{"params", params}, {"grads", grads}, {"state_sums", state_sums},
+                                  {"steps", steps}}, grad_scale, found_inf);
+  const KernelScalar klr = kernel_scalar<Device::kOptions>("adagrad_", "lr", lr, params);
+  OptimizerCall<math::AdagradHyper> call;
+  call.common = make_common(klr.value, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed,
+                            stochastic_rounding);
+  check_hyper(std::isfinite(lr_decay) && lr_decay >= 0, "lr_decay", lr_decay);
+  check_hyper(std::isfinite(eps) && eps >= 0, "eps", eps);
+  call.hyper = {lr_decay, eps};
+  gather("adagrad_", call, params, grads, {{"state_sums", state_sums, true}}, steps, indices, grad_scale,
+         found_inf, Device::kType);
+  call.lr = klr.ptr();
+  Device::run(call, params, steps, grad_scale, found_inf);
+}
+
+template <typename Device, typename Lr>
+void rmsprop_(at::TensorList params, at::TensorList grads, at::TensorList square_avgs, at::TensorList grad_avgs,
+              at::TensorList momentum_buffers, at::TensorList steps, at::IntArrayRef indices, Lr lr, double alpha,
+              double eps, double momentum, bool centered, double weight_decay, double l1_decay, bool decoupled,
+              bool maximize, double grad_keep_prob, int64_t grad_mask_seed, bool stochastic_rounding,
+              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  if constexpr (Device::kOneDevice)
+    check_one_device("rmsprop_", {{"params", params}, {"grads", grads}, {"square_avgs", square_avgs},
+                                  {"grad_avgs", grad_avgs}, {"momentum_buffers", momentum_buffers},
+                                  {"steps", steps}}, grad_scale, found_inf);
+  const KernelScalar klr = kernel_scalar<Device::kOptions>("rmsprop_", "lr", lr, params);
+  OptimizerCall<math::RmspropHyper> call;
+  call.common = make_common(klr.value, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed,
+                            stochastic_rounding);
+  check_hyper(std::isfinite(alpha) && alpha >= 0, "alpha", alpha);
+  check_hyper(std::isfinite(eps) && eps >= 0, "eps", eps);
+  check_hyper(std::isfinite(momentum) && momentum >= 0, "momentum", momentum);
+  call.hyper = {alpha, eps, momentum, centered};
+  gather("rmsprop_", call, params, grads,
+         {{"square_avgs", square_avgs, true},
+          {"grad_avgs", grad_avgs, centered},
+          {"momentum_buffers", momentum_buffers, momentum > 0}},
+         steps, indices, grad_scale, found_inf, Device::kType);
+  call.lr = klr.ptr();
+  Device::run(call, params, steps, grad_scale, found_inf);
+}
+
+template <typename Device, typename Lr>
+void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+           at::TensorList max_exp_avg_sqs, at::TensorList steps, at::IntArrayRef indices, LrArg<Lr> lr,
+           BetaArg<Lr> beta1, BetaArg<Lr> beta2, double eps, bool amsgrad, bool eps_inside_sqrt, double weight_decay,
+           double l1_decay, bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed,
+           bool stochastic_rounding, const std::optional<at::Tensor>& grad_scale,
+           const std::optional<at::Tensor>& found_inf) {
+  if constexpr (Device::kOneDevice)
+    check_one_device("adam_", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
+                               {"exp_avg_sqs", exp_avg_sqs}, {"max_exp_avg_sqs", max_exp_avg_sqs},
+                               {"steps", steps}}, grad_scale, found_inf);
+  const KernelScalar klr = kernel_scalar<Device::kOptions>("adam_", "lr", lr, params);
+  const KernelScalar kb1 = kernel_scalar<Device::kOptions>("adam_", "beta1", beta1, params);
+  const KernelScalar kb2 = kernel_scalar<Device::kOptions>("adam_", "beta2", beta2, params);
+  OptimizerCall<math::AdamHyper> call;
+  call.common = make_common(klr.value, weight_decay, l1_decay, decoupled, maximize, grad_keep_prob, grad_mask_seed,
+                            stochastic_rounding);
+  check_hyper(kb1.value >= 0 && kb1.value < 1, "beta1", kb1.value);
+  check_hyper(kb2.value >= 0 && kb2.value < 1, "beta2", kb2.value);
+  check_hyper(std::isfinite(eps) && eps >= 0, "eps", eps);
+  call.hyper = {kb1.value, kb2.value, eps, amsgrad, eps_inside_sqrt};
+  gather("adam_", call, params, grads,
+         {{"exp_avgs", exp_avgs, true},
+          {"exp_avg_sqs", exp_avg_sqs, true},
+          {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}},
+         steps, indices, grad_scale, found_inf, Device::kType);
+  call.lr = klr.ptr();
+  call.beta1 = kb1.ptr();
+  call.beta2 = kb2.ptr();
+  Device::run(call, params, steps, grad_scale, found_inf);
+}
+
 }  // namespace fusedopt
 
 // X(OP, FN, LR, NAME, OVERLOAD) for every optimizer op overload: signature
-// ::fusedopt::OP<LR>, implemented on each device by a function template FN
-// (FN<LR>), registered as NAME or, with an OVERLOAD, NAME.OVERLOAD.
+// ::fusedopt::OP<LR>, implemented by ::fusedopt::FN<Device, LR> (Note [Device
+// ops]), registered as NAME or, with an OVERLOAD, NAME.OVERLOAD.
 #define FUSEDOPT_FOR_EACH_OPTIMIZER_OP(X)                                 \
   X(SgdOp, sgd_, double, "sgd_", "")                                      \
   X(SgdOp, sgd_, const at::Tensor&, "sgd_", "tensor_lr")                  \
@@ -258,16 +293,16 @@ using AdamOp = void(at::TensorList params, at::TensorList grads, at::TensorList 
 #define FUSEDOPT_REGISTERED_NAME(NAME, OVERLOAD) \
   constexpr const char* registered = sizeof(OVERLOAD) > 1 ? NAME "." OVERLOAD : NAME
 
-// Registers a device's optimizer ops, the function templates FN of
-// FUSEDOPT_FOR_EACH_OPTIMIZER_OP in the calling namespace, under PREFIX + the
-// registered name (Note [Tensor lr]); the casts check their signatures.
-#define FUSEDOPT_IMPL_OPTIMIZER(OP, FN, LR, NAME, OVERLOAD) \
-  {                                                         \
-    FUSEDOPT_REGISTERED_NAME(NAME, OVERLOAD);               \
-    impl(registered, static_cast<::fusedopt::OP<LR>*>(&FN<LR>)); \
+// Registers the optimizer ops for a device (Note [Device ops]) under PREFIX +
+// the registered name (Note [Tensor lr]); the casts check their signatures.
+#define FUSEDOPT_IMPL_OPTIMIZER(OP, FN, LR, NAME, OVERLOAD)                            \
+  {                                                                                    \
+    FUSEDOPT_REGISTERED_NAME(NAME, OVERLOAD);                                          \
+    impl(registered, static_cast<::fusedopt::OP<LR>*>(&::fusedopt::FN<Device, LR>));   \
   }
-#define FUSEDOPT_IMPL_OPTIMIZERS(m, PREFIX)                                                     \
-  {                                                                                             \
+#define FUSEDOPT_IMPL_OPTIMIZERS(m, PREFIX, DEVICE)                                                       \
+  {                                                                                                       \
+    using Device = DEVICE;                                                                                \
     auto impl = [&m](const char* name, auto* fn) { m.impl((std::string(PREFIX) + name).c_str(), fn); }; \
-    FUSEDOPT_FOR_EACH_OPTIMIZER_OP(FUSEDOPT_IMPL_OPTIMIZER)                                     \
+    FUSEDOPT_FOR_EACH_OPTIMIZER_OP(FUSEDOPT_IMPL_OPTIMIZER)                                               \
   }
