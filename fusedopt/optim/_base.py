@@ -75,6 +75,14 @@ class FusedOptimizer(Optimizer):
                         bf16_stochastic_rounding=bf16_stochastic_rounding)
         super().__init__(params, defaults)
 
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        params = self.param_groups[-1]["params"]
+        if len(set(params)) != len(params):  # torch warns, then steps such a parameter twice
+            self.param_groups.pop()
+            raise ValueError(f"{type(self).__name__}: a parameter group holds a parameter more than once; "
+                             "list each parameter once (the fused step updates each parameter once)")
+
     def _buffers(self, group):
         raise NotImplementedError
 
@@ -88,28 +96,55 @@ class FusedOptimizer(Optimizer):
     def load_state_dict(self, state_dict):
         """torch.optim.Optimizer.load_state_dict; a group saved without an option of ours (a torch.optim
         checkpoint: no l1_decay, grad_mask_seed, ...) keeps the value it has now. A state_dict that does not
-        fit (Note [Checked state_dict]) raises ValueError before anything is changed."""
-        _check_layout(self, state_dict)
-        saved = [dict(g) for g in state_dict["param_groups"]]
-        for group, current in zip(saved, self.param_groups):
-            for key, value in current.items():
-                if key not in ("params", "param_names"):
-                    group.setdefault(key, value)
-        _check_state(self, state_dict["state"], saved)
-        super().load_state_dict({**state_dict, "param_groups": saved})
-        # torch casts every buffer to its parameter's dtype; a group with float32 state takes the saved
-        # buffers as float32 instead, from the saved tensors (Note [State dtype] in csrc/include/fusedopt/checks.h).
-        for g, group in zip(saved, self.param_groups):
-            for i, p in zip(g["params"], group["params"]):
-                want = _state_dtype(p, group)
-                for key, value in state_dict["state"].get(i, {}).items():
-                    if key != "step" and self.state[p][key].dtype != want:
-                        self.state[p][key] = value.to(dtype=want, device=p.device)
-        self.__dict__.pop("_plans", None)  # Note [Step plans]: the state tensors were replaced
+        fit (Note [Checked state_dict]) raises ValueError before anything is changed. As in torch, it is
+        checked as the load_state_dict pre-hooks leave it, and the post-hooks see the state as loaded."""
+        loaded = []
+
+        def check(_, state_dict):  # the last pre-hook
+            _check_layout(self, state_dict)
+            saved = [dict(g) for g in state_dict["param_groups"]]
+            for group, current in zip(saved, self.param_groups):
+                for key, value in current.items():
+                    if key not in ("params", "param_names"):
+                        group.setdefault(key, value)
+            _check_state(self, state_dict["state"], saved)
+            loaded.append({**state_dict, "param_groups": saved})
+            return loaded[0]
+
+        def cast(_):  # the first post-hook
+            # torch casts every buffer to its parameter's dtype; a group with float32 state takes the saved
+            # buffers as float32 instead, from the saved tensors (Note [State dtype] in csrc/include/fusedopt/checks.h).
+            state = self.__dict__["state"]
+            for g, group in zip(loaded[0]["param_groups"], self.param_groups):
+                for i, p in zip(g["params"], group["params"]):
+                    want = _state_dtype(p, group)
+                    for key, value in loaded[0]["state"].get(i, {}).items():
+                        if key != "step" and state[p][key].dtype != want:
+                            state[p][key] = value.to(dtype=want, device=p.device)
+            self.__dict__.pop("_plans", None)  # Note [Step plans]: the state tensors were replaced
+
+        hooks = [self.register_load_state_dict_pre_hook(check),
+                 self.register_load_state_dict_post_hook(cast, prepend=True)]
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    @property
+    def state(self):
+        # Whoever reads opt.state may replace what it holds, so the next step checks its plans (Note [Step plans]).
+        self.__dict__["_state_read"] = True
+        return self.__dict__["state"]
+
+    @state.setter
+    def state(self, value):
+        self.__dict__["state"] = value
+        self.__dict__.pop("_plans", None)
 
     def _state(self, p, group):
         """The state of parameter p, created or completed as its group needs it (Note [Step tensors])."""
-        state = self.state[p]
+        state = self.__dict__["state"][p]
         step = state.get("step", 1.0 if state else 0.0)
         if not torch.is_tensor(step):
             step = torch.tensor(float(step), dtype=_get_scalar_dtype(is_fused=p.device.type != "cpu"))
@@ -143,6 +178,9 @@ class FusedOptimizer(Optimizer):
         amp = {}  # device -> (grad_scale, found_inf) there, float32
         plans = self.__dict__.setdefault("_plans", {})
         compiling = torch.compiler.is_compiling()
+        if not compiling and self.__dict__.pop("_state_read", False):
+            for gi in [gi for gi, plan in plans.items() if not self._holds_state(plan)]:
+                del plans[gi]
         first = 0  # state_dict number of the group's first parameter
         for gi, group in enumerate(self.param_groups):
             params = group["params"]
@@ -153,15 +191,18 @@ class FusedOptimizer(Optimizer):
             key = (tuple(map(operator.is_not, grads, itertools.repeat(None))), tuple(spec), first,
                    group["state_dtype"])
             plan = plans.get(gi)
-            if plan is None or plan[0] != key:
-                plan = plans[gi] = (key, self._plan(group, spec, grads, first))
+            if plan is None or plan[0] != key or not all(map(operator.is_, plan[2], params)):
+                plan = plans[gi] = (key, self._plan(group, spec, grads, first), list(params))
             lr = group["lr"]  # a tensor goes to the op as it is (Note [Tensor lr] in csrc/include/fusedopt/calls.h)
             options = dict(lr=lr if torch.is_tensor(lr) else float(lr), **self._options(group), **_common(group))
             rounding = group["bf16_stochastic_rounding"]
             for device, dtype, members, lists in plan[1]:
                 copies = []  # (tensor, the contiguous copy handed to the op)
+                # A gradient is written only when unscaled; an expanded one cannot be written back.
+                grad_copies = copies if grad_scale is not None else []
                 if lists is None:  # complex or non-contiguous members: operands anew each step
-                    rows = [[_operand(t, copies) for t in self._operands(params[i], grads[i], group, spec)]
+                    rows = [[_operand(t, grad_copies if k == 1 else copies)
+                             for k, t in enumerate(self._operands(params[i], grads[i], group, spec))]
                             for i in members]
                     op_lists = _columns(rows) + [[i + first for i in members]]
                 else:  # real members (so real gradients: torch checks a .grad's dtype); copy only if strided
@@ -169,7 +210,7 @@ class FusedOptimizer(Optimizer):
                     contiguous = (all(map(torch.Tensor.is_contiguous, members_grads)) if compiling
                                   else _C._contiguous(members_grads))
                     if not contiguous:
-                        members_grads = [_operand(g, copies) for g in members_grads]
+                        members_grads = [_operand(g, grad_copies) for g in members_grads]
                     op_lists = [lists[0], members_grads, *lists[1:]]
                 if device not in amp:
                     amp[device] = [None if t is None else t.to(device=device, dtype=torch.float32)
@@ -195,11 +236,15 @@ class FusedOptimizer(Optimizer):
 
     def _plan(self, group, spec, grads, first):
         """Note [Step plans]
-        The tensors a group hands to its op calls change only when the set of parameters with a gradient,
-        the buffers in use or the state (load_state_dict) change, so step() keeps, per group, the op's lists
+        The tensors a group hands to its op calls change only when its parameters, the set of those with a
+        gradient, the buffers in use or the state (load_state_dict) change, so step() keeps, per group, the op's lists
         for each (device, dtype) bucket and rebuilds them only then; a step then costs a list of gradients
         per bucket. Complex, non-contiguous or DTensor members go to buckets that convert their operands anew each
-        step. Returns [(device, dtype, members, lists or None)], lists = [params, *buffers, steps, indices]."""
+        step. Returns [(device, dtype, members, lists or None)], lists = [params, *buffers, steps, indices].
+        Users change the state behind the plans as torch lets them (`opt.state = defaultdict(dict)`,
+        `opt.state.clear()`, `del opt.state[p]`, `opt.state[p]["exp_avg"] = ...`): assigning opt.state drops
+        the plans, and reading it (the `state` property) makes the next step check that the tensors they hold
+        are still the state's (_holds_state) and rebuild those that are not."""
         buckets = {}
         for i, (p, g) in enumerate(zip(group["params"], grads)):
             if g is None:
@@ -223,6 +268,18 @@ class FusedOptimizer(Optimizer):
                 lists = columns[:1] + columns[2:] + [[i + first for i in members]]
             plan.append((device, dtype, members, lists))
         return plan
+
+    def _holds_state(self, plan):
+        """Whether the state tensors a group's plan holds are still those of self.state (Note [Step plans])."""
+        (_, spec, *_), buckets, _ = plan
+        state, keys = self.__dict__["state"], [k for k, _ in spec] + ["step"]
+        for _, _, _, lists in buckets:
+            if lists is not None:
+                entries = list(map(state.get, lists[0], itertools.repeat({})))
+                for key, column in zip(keys, lists[1:-1]):
+                    if column and not all(map(operator.is_, map(dict.get, entries, itertools.repeat(key)), column)):
+                        return False
+        return True
 
 # Note [Checked state_dict]
 # torch's load_state_dict checks only the number of groups and of parameters per group; the state it
