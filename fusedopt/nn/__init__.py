@@ -7,21 +7,26 @@ from .functional import bias_dropout_add, dropout, dropout_keep_bits, unpack_kee
 __all__ = ["Dropout", "bias_dropout_add", "dropout", "dropout_keep_bits", "functional", "unpack_keep_bits"]
 
 
-class Dropout(torch.nn.Module):
-    """A drop-in for torch.nn.Dropout(p, inplace) drawing the mask of fusedopt.nn.functional.dropout.
+class Dropout(torch.nn.Dropout):
+    """A drop-in for torch.nn.Dropout(p, inplace) (a subclass, so isinstance checks find it) drawing the mask of
+    fusedopt.nn.functional.dropout.
 
     Every forward in training mode takes a fresh (seed, offset) from torch's default CPU generator; in eval
-    mode the input is returned as is.
+    mode the input is returned as is. Like torch's, it is a leaf module for torch.fx (its mode is read when the
+    graph runs) and scriptable (TorchScript calls the ops).
     """
 
     def __init__(self, p: float = 0.5, inplace: bool = False):
-        super().__init__()
         functional._check_p(p)
-        self.p = p
-        self.inplace = inplace
+        super().__init__(p, inplace)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # the ops, with a draw counter of its own (it orders draws only under compile)
+            if not self.training:
+                return input
+            draw = torch.ops.fusedopt.dropout_seed(torch.zeros((), dtype=torch.long))
+            y = torch.ops.fusedopt.dropout(input, float(self.p), draw)
+            return input.copy_(y) if self.inplace else y
+        if isinstance(input, torch.fx.Proxy) and getattr(input.tracer, "root", self) is not self:  # an fx leaf
+            return input.tracer.create_proxy("call_module", input.tracer.path_of_module(self), (input,), {})
         return functional.dropout(input, self.p, self.training, self.inplace)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}, inplace={self.inplace}"

@@ -17,6 +17,9 @@ def _check_bias_shapes(x, bias, residual):
     torch._check(residual.shape == x.shape,
                  lambda: f"bias_dropout_add: residual must have the input's shape {list(x.shape)}, "
                          f"got {list(residual.shape)}")
+    torch._check(bias.dtype == x.dtype and residual.dtype == x.dtype,
+                 lambda: f"bias_dropout_add: input, bias and residual must share a dtype, got {x.dtype}, "
+                         f"{bias.dtype} and {residual.dtype}")
 
 
 @torch.library.register_fake("fusedopt::dropout_seed")
@@ -115,3 +118,33 @@ class DropoutInplace(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return _ops.dropout_backward(grad, ctx.p, *ctx.saved_tensors), None, None
+
+
+_RANDOMNESS_ERROR = ("vmap: called random operation while in randomness error mode. Please either use the 'same' or "
+                     "'different' randomness flags on vmap or perform the randomness operation out of vmap")
+
+
+class DropoutMask(torch.autograd.Function):
+    """x·mask is dropout(x) with mask = keep / (1 - p) or 0 per element of x, in op math (float32 for the half
+    types): a constant, so torch differentiates and batches the product under torch.func transforms and forward-mode
+    AD, which the ops' registered autograd does not support. Under vmap, `random` (a drawn, not an explicit, seed)
+    follows torch's randomness flag: "error" raises, "different" takes each sample's mask from one draw over the
+    batch, "same" (as an explicit seed) gives every sample the mask a call on it alone draws."""
+
+    @staticmethod
+    def forward(x, p, draw, random):
+        t = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        return _ops.dropout(torch.ones(x.shape, dtype=t, device=x.device), p, draw)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output)
+
+    @staticmethod
+    def vmap(info, in_dims, x, p, draw, random):
+        if random and info.randomness == "error":
+            raise RuntimeError(_RANDOMNESS_ERROR)
+        x = x.movedim(in_dims[0], 0)
+        if random and info.randomness == "different":
+            return DropoutMask.apply(x, p, draw, random), 0
+        return DropoutMask.apply(x[0], p, draw, random), None

@@ -16,13 +16,16 @@ Without an explicit `seed`, every call draws a fresh (seed, offset) from torch's
 same masks. Under torch.compile that draw stays in the graph as a random op, in program order: a compiled
 module draws the masks eager mode draws, without graph breaks.
 """
+import numbers
 import operator
 from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
+from torch.overrides import handle_torch_function, has_torch_function, has_torch_function_unary
 
-from ._ops import DropoutInplace  # (also registers the fakes and autograd of the ops)
+from ._ops import DropoutInplace, DropoutMask, _check_bias_shapes  # (also registers the fakes and autograd of the ops)
 
 __all__ = ["bias_dropout_add", "dropout", "dropout_keep_bits", "unpack_keep_bits"]
 
@@ -30,8 +33,10 @@ _ops_ns = torch.ops.fusedopt
 
 
 def _check_p(p) -> float:
-    """p as a float, validated as torch.nn.functional.dropout does (NaN is refused too)."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)):
+    """p as a float, validated as torch.nn.functional.dropout does (NaN and bool are refused too)."""
+    if isinstance(p, Tensor) and p.dim() == 0:  # torch takes a 0-d tensor too
+        p = p.item()
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise TypeError(f"dropout probability must be a number, got {type(p).__name__}")
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
@@ -65,6 +70,15 @@ def _draw(seed, offset) -> Tensor:
                         dtype=torch.int64)
 
 
+def _transformed() -> bool:
+    """Under torch.func transforms or forward-mode AD, which the ops' registered autograd does not support."""
+    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+
+
+# Run eagerly under torch.compile, whose tracing of an autograd.Function would skip its vmap rule.
+_mask = torch.compiler.disable(DropoutMask.apply)
+
+
 def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, *,
             seed: Optional[int] = None, offset: Optional[int] = None) -> Tensor:
     """Drop each element with probability p and scale the rest by 1/(1 - p); identity when not training.
@@ -74,12 +88,18 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
     draw: `seed` and `offset` (64-bit ints; offset defaults to 0) pick the mask, else a fresh draw is taken
     from torch's default CPU generator. float32, float64, float16 and bfloat16 inputs of any shape.
     """
+    if has_torch_function_unary(input):  # e.g. torch.fx tracing: the call, hence the draw, goes in the graph
+        return handle_torch_function(dropout, (input,), input, p, training, inplace, seed=seed, offset=offset)
     p = _check_p(p)
     if not training:
         return input
+    draw = _draw(seed, offset)
+    if _transformed():
+        y = (input * _mask(input.detach(), p, draw, seed is None)).to(input.dtype)
+        return input.copy_(y) if inplace else y
     if inplace:
-        return DropoutInplace.apply(input, p, _draw(seed, offset))
-    return _ops_ns.dropout(input, p, _draw(seed, offset))
+        return DropoutInplace.apply(input, p, draw)
+    return _ops_ns.dropout(input, p, draw)
 
 
 def bias_dropout_add(x: Tensor, bias: Tensor, residual: Tensor, p: float = 0.5, training: bool = True, *,
@@ -91,10 +111,18 @@ def bias_dropout_add(x: Tensor, bias: Tensor, residual: Tensor, p: float = 0.5, 
     residual + (x + bias). Gradients: dx = dropout's backward, dbias = dx summed over all but the last dim
     (in a fixed order, so it does not depend on the thread count), dresidual = the incoming gradient.
     """
+    if has_torch_function((x, bias, residual)):
+        return handle_torch_function(bias_dropout_add, (x, bias, residual), x, bias, residual, p, training, seed=seed,
+                                     offset=offset)
     p = _check_p(p)
     if not training:
         return residual + (x + bias)
-    return _ops_ns.bias_dropout_add(x, bias, residual, p, _draw(seed, offset))
+    draw = _draw(seed, offset)
+    if _transformed():
+        _check_bias_shapes(x, bias, residual)
+        m = _mask(x.detach(), p, draw, seed is None)
+        return (residual + (x.to(m.dtype) + bias) * m).to(x.dtype)
+    return _ops_ns.bias_dropout_add(x, bias, residual, p, draw)
 
 
 def dropout_keep_bits(input: Tensor, p: float, *, seed: int, offset: int = 0) -> Tensor:
