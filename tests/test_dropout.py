@@ -52,7 +52,7 @@ def rand(shape, dtype, seed=0):
 
 def assert_bitwise(a, b, what=""):
     assert a.dtype == b.dtype and a.shape == b.shape, what
-    assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)), what
+    assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), what
 
 
 def misaligned(t):
@@ -329,13 +329,28 @@ def test_explicit_seed_and_offset_pick_the_mask():
     assert_bitwise(F.dropout(x, 0.3, seed=11), expected_dropout(x, 0.3, 11, 0)[0])  # offset defaults to 0
 
 
-def test_mask_follows_the_logical_index_not_the_strides():
+NON_CONTIGUOUS = [lambda b, t: b.t(), lambda b, t: b[:, ::3], lambda b, t: b[5:, 7:50],
+                  lambda b, t: b[:1].expand(30, 70), lambda b, t: t.to(memory_format=torch.channels_last),
+                  lambda b, t: t.permute(2, 0, 3, 1), lambda b, t: t.to(memory_format=torch.channels_last)[:, 1:4]]
+
+
+@pytest.mark.parametrize("view", range(len(NON_CONTIGUOUS)))
+def test_mask_follows_the_logical_index_and_the_output_has_torchs_strides(view):
+    x = NON_CONTIGUOUS[view](rand((40, 70), torch.float32), rand((3, 5, 7, 9), torch.float32))
+    assert not x.is_contiguous()
+    y = F.dropout(x, 0.4, seed=3, offset=9)
+    assert y.stride() == torch.nn.functional.dropout(x, 0.4).stride()  # x's where x is dense, else contiguous
+    assert_bitwise(y, F.dropout(x.contiguous(), 0.4, seed=3, offset=9))
+    dx = OPS.dropout_backward(x, 0.4, draw(3, 9))  # the same map, the same layout rule
+    assert dx.stride() == y.stride()
+    assert_bitwise(dx, y)
+    compiled = torch.compile(lambda t: F.dropout(t, 0.4, seed=3, offset=9), fullgraph=True)(x)
+    assert compiled.stride() == y.stride()
+    assert_bitwise(compiled, y)
+
+
+def test_mask_does_not_depend_on_the_shape():
     base = rand((40, 70), torch.float32)
-    for x in [base.t(), base[:, ::3], base[5:, 7:50], base[:1].expand(30, 70)]:
-        assert not x.is_contiguous()
-        y = F.dropout(x, 0.4, seed=3, offset=9)
-        assert y.is_contiguous()
-        assert_bitwise(y, F.dropout(x.contiguous(), 0.4, seed=3, offset=9))
     assert_bitwise(F.dropout(base, 0.4, seed=3).reshape(-1), F.dropout(base.reshape(-1), 0.4, seed=3))
 
 
@@ -523,6 +538,11 @@ def test_opcheck():
         return [(OPS.dropout, (x, 0.3, draw())), (OPS.dropout_backward, (x, 0.3, draw())),
                 (OPS.bias_dropout_add, (x, b, r, 0.3, draw())), (OPS.bias_dropout_add_backward, (x, 0.3, draw())),
                 (OPS.dropout_keep_bits, (x.detach(), 0.3, draw())), (OPS.dropout_, (x.detach().clone(), 0.3, draw()))]
+
+    layouts = [torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last), torch.randn(9, 5).t(),
+               torch.randn(6, 10)[:, ::2]]  # strides kept, kept, not (a slice): Note [Output layout]
+    for op, x in [(op, x) for op in (OPS.dropout, OPS.dropout_backward) for x in layouts]:
+        torch.library.opcheck(op, (x, 0.3, draw()))
 
     for op, args in cases(False) + cases(True):
         torch.library.opcheck(op, args)

@@ -29,7 +29,7 @@ def _dropout_seed_fake(draws):
 
 @torch.library.register_fake("fusedopt::dropout")
 def _dropout_fake(x, p, draw):
-    return x.new_empty(x.shape)
+    return torch.empty_like(x)  # Note [Output layout]
 
 
 @torch.library.register_fake("fusedopt::dropout_")
@@ -39,7 +39,7 @@ def _dropout_inplace_fake(x, p, draw):
 
 @torch.library.register_fake("fusedopt::dropout_backward")
 def _dropout_backward_fake(grad, p, draw):
-    return grad.new_empty(grad.shape)
+    return torch.empty_like(grad)
 
 
 @torch.library.register_fake("fusedopt::bias_dropout_add")

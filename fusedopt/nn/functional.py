@@ -9,7 +9,8 @@ same mask in numpy.
 Kept elements are scaled by 1/(1 - p) (inverted dropout: evaluation needs no rescaling):
 y = x·m with m = keep ? float(1/(1 - p)) : 0, in float32 for float32/float16/bfloat16 (float64 for float64),
 rounded once to the input's dtype. For float32 this is bit for bit torch's CPU native_dropout given the
-same mask. The output is contiguous whatever the input's strides.
+same mask. The output has the strides torch's dropout gives it (the input's where the input is dense, e.g.
+channels_last; else contiguous); the mask follows the logical index whatever the strides.
 
 Without an explicit `seed`, every call draws a fresh (seed, offset) from torch's default CPU generator
 (two 64-bit outputs; also for CUDA inputs), so `torch.manual_seed` makes runs reproducible and a CPU and a CUDA run of one program draw the

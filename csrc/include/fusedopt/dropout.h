@@ -95,17 +95,25 @@ inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& o
   return t;
 }
 
+// Note [Output layout]
+// dropout's output has the strides torch's would have: empty_like(x), i.e.
+// x's own where x is dense (channels_last, a transpose), else contiguous. The
+// mask indexes the logical element (DESIGN.md §6), so a dense x that is not
+// contiguous is computed in its contiguous copy, in place, and copied out:
+// one pass more than a contiguous x, which is read and written once.
 template <typename Run>
 at::Tensor dropout_op(const char* op, c10::DeviceType device, const Run& run, const at::Tensor& x, double p,
                       const at::Tensor& draw) {
   DropoutCall c = make_dropout_call(op, p, draw);
   const at::Tensor xc = dropout_input(op, "input", x, device);
-  at::Tensor y = empty_output(xc.sizes(), xc.options());
+  at::Tensor y = x.is_contiguous() ? empty_output(xc.sizes(), xc.options()) : at::empty_like(x);
+  const bool direct = y.is_contiguous();  // else xc is a copy of ours, computed in place
   c.dtype = xc.scalar_type();
   c.n = xc.numel();
   c.x = xc.data_ptr();
-  c.y = y.data_ptr();
+  c.y = direct ? y.data_ptr() : xc.data_ptr();
   if (c.n > 0) run.dropout(c);
+  if (!direct) y.copy_(xc);
   return y;
 }
 
