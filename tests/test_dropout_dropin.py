@@ -209,6 +209,27 @@ def test_vmap_follows_the_randomness_flag():
     assert torch.equal(y, x * F.dropout(torch.ones(4, 50), 0.5))
 
 
+def test_p_0_p_1_and_empty_inputs_take_nothing_from_the_generator_like_torch():
+    x = torch.randn(5, 7)
+    for f in (torch.nn.functional.dropout, F.dropout):
+        assert f(x, 0.0) is x and f(x, 0.0, inplace=True) is x  # torch returns the input itself
+        empty = torch.randn(0, 3)
+        assert f(empty, 0.5) is empty
+    for p in (0.0, 1.0):
+        torch.manual_seed(5)
+        ys = [F.dropout(x, p), F.dropout(x.clone(), p, inplace=True), F.bias_dropout_add(x, x[0], x, p)]
+        after = torch.rand(3)
+        torch.manual_seed(5)
+        assert torch.equal(after, torch.rand(3))  # nothing drawn
+        want = x * (1.0 - p)
+        assert torch.equal(ys[0], want) and torch.equal(ys[1], want)
+        assert torch.equal(ys[2], x + (x + x[0]) * (1.0 - p))
+        torch.testing.assert_close(vmap(lambda t: F.dropout(t, p))(x), want, rtol=0, atol=0)  # no random op
+    torch.manual_seed(5)
+    F.dropout(x, 0.5)
+    assert not torch.equal(torch.rand(3), after)  # 0 < p < 1 draws
+
+
 def test_per_sample_gradients_through_a_module():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 40), fnn.Dropout(0.5))

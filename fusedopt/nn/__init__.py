@@ -22,7 +22,7 @@ class Dropout(torch.nn.Dropout):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # the ops, with a draw counter of its own (it orders draws only under compile)
-            if not self.training:
+            if not self.training or self.p == 0.0:
                 return input
             draw = torch.ops.fusedopt.dropout_seed(torch.zeros((), dtype=torch.long))
             y = torch.ops.fusedopt.dropout(input, float(self.p), draw)

@@ -61,11 +61,20 @@ def _int64(v, name: str) -> int:
 _DRAWS = torch.zeros((), dtype=torch.int64)
 
 
-def _draw(seed, offset) -> Tensor:
-    """The draw tensor (seed, offset): the given words, or a fresh pair from torch's default CPU generator."""
+def _random(seed, p) -> bool:
+    """Whether the mask is drawn from torch's generator: without a seed, for 0 < p < 1 (p = 0 and p = 1 keep or
+    drop everything whatever the draw, so they take nothing from it, as torch's dropout takes nothing then)."""
+    return seed is None and 0.0 < p < 1.0
+
+
+def _draw(seed, offset, p) -> Tensor:
+    """The draw tensor (seed, offset): the given words, or a fresh pair from torch's default CPU generator
+    where the mask is random."""
     if seed is None:
         if offset is not None:
             raise ValueError("offset given without a seed")
+        if not 0.0 < p < 1.0:  # all kept or all dropped: nothing to draw
+            return torch.zeros(2, dtype=torch.int64)
         return _ops_ns.dropout_seed(_DRAWS)
     return torch.tensor([_int64(seed, "seed"), _int64(0 if offset is None else offset, "offset")],
                         dtype=torch.int64)
@@ -85,18 +94,18 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
     """Drop each element with probability p and scale the rest by 1/(1 - p); identity when not training.
 
     A drop-in for torch.nn.functional.dropout (same arguments and errors, `input` itself returned when not
-    training; inplace=True overwrites `input` without allocating anything and saves no mask), plus the
+    training, for p = 0 and for an empty input, nothing drawn for p = 0 or 1; inplace=True overwrites `input` without allocating anything and saves no mask), plus the
     draw: `seed` and `offset` (64-bit ints; offset defaults to 0) pick the mask, else a fresh draw is taken
     from torch's default CPU generator. float32, float64, float16 and bfloat16 inputs of any shape.
     """
     if has_torch_function_unary(input):  # e.g. torch.fx tracing: the call, hence the draw, goes in the graph
         return handle_torch_function(dropout, (input,), input, p, training, inplace, seed=seed, offset=offset)
     p = _check_p(p)
-    if not training:
+    if not training or p == 0.0 or input.numel() == 0:  # torch's dropout returns the input itself then
         return input
-    draw = _draw(seed, offset)
+    draw = _draw(seed, offset, p)
     if _transformed():
-        y = (input * _mask(input.detach(), p, draw, seed is None)).to(input.dtype)
+        y = (input * _mask(input.detach(), p, draw, _random(seed, p))).to(input.dtype)
         return input.copy_(y) if inplace else y
     if inplace:
         return DropoutInplace.apply(input, p, draw)
@@ -118,10 +127,10 @@ def bias_dropout_add(x: Tensor, bias: Tensor, residual: Tensor, p: float = 0.5, 
     p = _check_p(p)
     if not training:
         return residual + (x + bias)
-    draw = _draw(seed, offset)
+    draw = _draw(seed, offset, p)
     if _transformed():
         _check_bias_shapes(x, bias, residual)
-        m = _mask(x.detach(), p, draw, seed is None)
+        m = _mask(x.detach(), p, draw, _random(seed, p))
         return (residual + (x.to(m.dtype) + bias) * m).to(x.dtype)
     return _ops_ns.bias_dropout_add(x, bias, residual, p, draw)
 
@@ -134,7 +143,7 @@ def dropout_keep_bits(input: Tensor, p: float, *, seed: int, offset: int = 0) ->
     Equals numpy.packbits(fusedopt.reference.keep_mask(seed, offset, numel, 1 - p), bitorder="little").
     """
     p = _check_p(p)
-    return _ops_ns.dropout_keep_bits(input, p, _draw(seed, offset))
+    return _ops_ns.dropout_keep_bits(input, p, _draw(seed, offset, p))
 
 
 def unpack_keep_bits(bits: Tensor, numel: int) -> Tensor:
