@@ -7,11 +7,11 @@ one at a time."""
 import collections
 import copy
 
-import pytest
 import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition, rule,
+                                 run_state_machine_as_test)
 
 import fusedopt
 
@@ -64,7 +64,8 @@ class Twins(RuleBasedStateMachine):
                                    min_size=len(self._params("torch")), max_size=len(self._params("torch"))))
         for p_theirs, p_ours, kind in zip(self._params("torch"), self._params("fusedopt"), kinds):
             shape, dims = p_theirs.shape, tuple(reversed(range(p_theirs.dim())))
-            base = {"none": None, "dense": shape, "strided": tuple(reversed(shape)), "expanded": (1,) * len(shape)}[kind]
+            base = {"none": None, "dense": shape, "strided": tuple(reversed(shape)),
+                    "expanded": (1,) * len(shape)}[kind]
             base = None if base is None else self._randn(base)
             for p in (p_theirs, p_ours):  # each run its own copy, of the same values and strides
                 p.grad = (None if base is None else base.clone() if kind == "dense" else

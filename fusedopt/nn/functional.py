@@ -13,9 +13,9 @@ same mask. The output has the strides torch's dropout gives it (the input's wher
 channels_last; else contiguous); the mask follows the logical index whatever the strides.
 
 Without an explicit `seed`, every call draws a fresh (seed, offset) from torch's default CPU generator
-(two 64-bit outputs; also for CUDA inputs), so `torch.manual_seed` makes runs reproducible and a CPU and a CUDA run of one program draw the
-same masks. Under torch.compile that draw stays in the graph as a random op, in program order: a compiled
-module draws the masks eager mode draws, without graph breaks.
+(two 64-bit outputs; also for CUDA inputs), so `torch.manual_seed` makes runs reproducible and a CPU and a
+CUDA run of one program draw the same masks. Under torch.compile that draw stays in the graph as a random
+op, in program order: a compiled module draws the masks eager mode draws, without graph breaks.
 """
 import numbers
 import operator
@@ -93,10 +93,11 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
             seed: Optional[int] = None, offset: Optional[int] = None) -> Tensor:
     """Drop each element with probability p and scale the rest by 1/(1 - p); identity when not training.
 
-    A drop-in for torch.nn.functional.dropout (same arguments and errors, `input` itself returned when not
-    training, for p = 0 and for an empty input, nothing drawn for p = 0 or 1; inplace=True overwrites `input` without allocating anything and saves no mask), plus the
-    draw: `seed` and `offset` (64-bit ints; offset defaults to 0) pick the mask, else a fresh draw is taken
-    from torch's default CPU generator. float32, float64, float16 and bfloat16 inputs of any shape.
+    A drop-in for torch.nn.functional.dropout (same arguments and errors; `input` itself returned when not
+    training, for p = 0 and for an empty input; nothing drawn for p = 0 or 1; inplace=True overwrites `input`
+    without allocating anything and saves no mask), plus the draw: `seed` and `offset` (64-bit ints; offset
+    defaults to 0) pick the mask, else a fresh draw is taken from torch's default CPU generator. float32,
+    float64, float16 and bfloat16 inputs of any shape.
     """
     if has_torch_function_unary(input):  # e.g. torch.fx tracing: the call, hence the draw, goes in the graph
         return handle_torch_function(dropout, (input,), input, p, training, inplace, seed=seed, offset=offset)
