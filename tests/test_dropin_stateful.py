@@ -1,9 +1,9 @@
 """A random training script run twice, with torch.optim (foreach=False) and with fusedopt: hypothesis draws a
 sequence of steps and of the edits scripts make between steps (hyper-parameters, param groups added, params
-replaced or given new storage, state deleted, replaced or loaded, grads None, strided or expanded), and after
-every step the parameters and the state of the two runs must agree. It probes what fusedopt caches between
-steps (Note [Step plans] in fusedopt/optim/_base.py), which the fixed scenarios of tests/test_dropin.py cover
-one at a time."""
+replaced or given new storage, state deleted, replaced or loaded, grads None, strided or expanded, steps
+under a GradScaler with and without inf grads), and after every step the parameters, the state and the scale
+of the two runs must agree. It probes what fusedopt caches between steps (Note [Step plans] in
+fusedopt/optim/_base.py), which the fixed scenarios of tests/test_dropin.py cover one at a time."""
 import collections
 import copy
 
@@ -51,6 +51,9 @@ class Twins(RuleBasedStateMachine):
                 groups = [dict(params=params[:1]), dict(params=params[1:], lr=self.options["lr"] / 2)]
             cls = TORCH[self.cls] if lib == "torch" else self.cls
             self.opt[lib] = cls(groups, **self.options, **({"foreach": False} if lib == "torch" else {}))
+        self.scaler = {lib: torch.amp.GradScaler("cpu", init_scale=16.0, growth_interval=2) for lib in LIBS}
+        for scaler in self.scaler.values():
+            scaler.scale(torch.ones(()))  # (it makes its scale tensor on first use)
 
     def _randn(self, shape):
         return torch.randn(shape, generator=self.gen)
@@ -58,20 +61,35 @@ class Twins(RuleBasedStateMachine):
     def _params(self, lib):
         return [p for g in self.opt[lib].param_groups for p in g["params"]]
 
-    @rule(data=st.data())
-    def step(self, data):
+    @rule(data=st.data(), amp=st.sampled_from(["off", "scaler", "unscale_ first"]), inf=st.booleans())
+    def step(self, data, amp, inf):
+        """A step, or under a GradScaler (the grads scaled; an inf in one of them with `inf`): torch's for-loop
+        step is unscaled by the scaler, fusedopt's gets grad_scale and found_inf (_step_supports_amp_scaling)."""
         kinds = data.draw(st.lists(st.sampled_from(["none", "dense", "strided", "expanded"]),
                                    min_size=len(self._params("torch")), max_size=len(self._params("torch"))))
+        if amp != "off" and set(kinds) == {"none"}:
+            kinds[0] = "dense"  # a scaler's step wants a grad to check
+        scale = 1.0 if amp == "off" else self.scaler["torch"].get_scale()  # a power of 2: exact
         for p_theirs, p_ours, kind in zip(self._params("torch"), self._params("fusedopt"), kinds):
+            if kind == "expanded" and amp != "off":  # unscaling writes into the grad, as torch's scaler does
+                kind = "dense"
             shape, dims = p_theirs.shape, tuple(reversed(range(p_theirs.dim())))
             base = {"none": None, "dense": shape, "strided": tuple(reversed(shape)),
                     "expanded": (1,) * len(shape)}[kind]
-            base = None if base is None else self._randn(base)
+            base = None if base is None else self._randn(base) * scale
+            if base is not None and inf and amp != "off":
+                base.view(-1)[0], inf = float("inf"), False
             for p in (p_theirs, p_ours):  # each run its own copy, of the same values and strides
                 p.grad = (None if base is None else base.clone() if kind == "dense" else
                           base.clone().permute(*dims) if kind == "strided" else base.clone().expand(shape))
         for lib in LIBS:
-            self.opt[lib].step()
+            if amp == "off":
+                self.opt[lib].step()
+                continue
+            if amp == "unscale_ first":
+                self.scaler[lib].unscale_(self.opt[lib])
+            self.scaler[lib].step(self.opt[lib])
+            self.scaler[lib].update()
 
     @rule(set_to_none=st.booleans())
     def zero_grad(self, set_to_none):
@@ -137,10 +155,13 @@ class Twins(RuleBasedStateMachine):
     def same_params_and_state(self):
         if not hasattr(self, "opt"):
             return
+        assert self.scaler["fusedopt"].get_scale() == self.scaler["torch"].get_scale()
         theirs, ours = self._params("torch"), self._params("fusedopt")
         torch.testing.assert_close(ours, theirs, **TOL)
         for p_theirs, p_ours in zip(theirs, ours):
             s_theirs, s_ours = self.opt["torch"].state.get(p_theirs, {}), self.opt["fusedopt"].state.get(p_ours, {})
+            if not s_theirs and float(s_ours.get("step", 0)) == 0:
+                continue  # made for a step a GradScaler skipped, as torch's fused optimizers make it: fresh state
             # fusedopt's SGD also counts steps (Note [Step tensors]), unless it loaded torch's state, which has none
             assert set(s_ours) - ({"step"} if self.cls is fusedopt.SGD else set()) == set(s_theirs)
             for key in s_theirs:
