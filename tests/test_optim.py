@@ -772,6 +772,24 @@ def test_grad_scaler_bf16_autocast(monkeypatch):
     assert scaler.get_scale() == 2.0**9
 
 
+@pytest.mark.parametrize("dampening", [0.0, 0.3])
+def test_grad_scaler_skipping_the_first_momentum_step(dampening):
+    """An overflow on the very first step (routine at fp16's large initial scale) leaves SGD's momentum fresh:
+    the next step seeds it from the gradient as the for-loop SGD does. (torch 2.13's fused CPU SGD keeps an
+    uninitialized momentum buffer there, and its parameters blow up on the next step.)"""
+    model, tmodel = _model(), _model()
+    opt = fusedopt.SGD(model.parameters(), lr=0.05, momentum=0.9, dampening=dampening)
+    topt = torch.optim.SGD(tmodel.parameters(), lr=0.05, momentum=0.9, dampening=dampening, foreach=False)
+    scaler, tscaler = (torch.amp.GradScaler("cpu", init_scale=2.0**10) for _ in range(2))
+    for k in range(3):
+        _amp_step(model, opt, scaler, k, poison=k == 0)
+        _amp_step(tmodel, topt, tscaler, k, poison=k == 0)
+    assert scaler.get_scale() == tscaler.get_scale() == 2.0**9
+    torch.testing.assert_close(list(model.parameters()), list(tmodel.parameters()), **TORCH_TOL)
+    for p, q in zip(model.parameters(), tmodel.parameters()):
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], topt.state[q]["momentum_buffer"], **TORCH_TOL)
+
+
 # CUDA (run on a lent GPU; skipped here).
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
