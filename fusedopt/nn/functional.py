@@ -73,9 +73,7 @@ def _draw(seed, offset, p) -> Tensor:
     if seed is None:
         if offset is not None:
             raise ValueError("offset given without a seed")
-        if not 0.0 < p < 1.0:  # all kept or all dropped: nothing to draw
-            return torch.zeros(2, dtype=torch.int64)
-        return _ops_ns.dropout_seed(_DRAWS)
+        return _ops_ns.dropout_seed(_DRAWS) if _random(seed, p) else torch.zeros(2, dtype=torch.int64)
     return torch.tensor([_int64(seed, "seed"), _int64(0 if offset is None else offset, "offset")],
                         dtype=torch.int64)
 
