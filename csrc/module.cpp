@@ -164,6 +164,13 @@ struct Arg<at::IntArrayRef> {
 };
 
 template <>
+struct Arg<at::OptionalIntArrayRef> {
+  std::optional<Arg<at::IntArrayRef>> list;
+  bool load(PyObject* value) { return value == Py_None || list.emplace().load(value); }
+  at::OptionalIntArrayRef get() const { return list ? at::OptionalIntArrayRef(list->get()) : std::nullopt; }
+};
+
+template <>
 struct Arg<int64_t> {
   int64_t value = 0;
   bool load(PyObject* v) { return load_int(v, value); }

@@ -4,10 +4,13 @@
 #include <torch/library.h>
 
 // Options every optimizer op takes after its own (DESIGN.md §4).
-#define FUSEDOPT_COMMON_ARGS                                                          \
-  "float weight_decay=0., float l1_decay=0., bool decoupled_weight_decay=False, "     \
-  "bool maximize=False, float grad_keep_prob=1., int grad_mask_seed=0, "              \
-  "bool stochastic_rounding=False, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()"
+// shard_offsets[j]: params[j]'s first element's index in its whole parameter
+// when params[j] is a shard of it (Note [Shard offsets] in fusedopt/philox.h).
+#define FUSEDOPT_COMMON_ARGS                                                                 \
+  "float weight_decay=0., float l1_decay=0., bool decoupled_weight_decay=False, "            \
+  "bool maximize=False, float grad_keep_prob=1., int grad_mask_seed=0, "                     \
+  "bool stochastic_rounding=False, int[]? shard_offsets=None, Tensor? grad_scale=None, "     \
+  "Tensor? found_inf=None) -> ()"
 
 // The argument lists of the optimizer ops (the grid-emulation ops at the end
 // of this file take the very same), with lr a float or, in each op's

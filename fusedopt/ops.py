@@ -10,7 +10,10 @@ torch.compile a tensor lr is a graph input, so changing it recompiles nothing. A
 too (its `.tensor_betas` overload, Note [Tensor betas]).
 `steps` holds one scalar float32/float64 tensor per parameter (steps already taken; on the CPU for CPU
 tensors, on the device otherwise), which the op advances unless `found_inf` is set. `indices[j]` is the
-parameter's number in the optimizer's state_dict (the gradient mask and rounding streams). A state list a
+parameter's number in the optimizer's state_dict (the gradient mask and rounding streams); `shard_offsets[j]`,
+where params[j] is a shard of a larger parameter (FSDP2), the index of its first element in that parameter, so
+that its masks and rounding bits are those of the unsharded parameter (Note [Shard offsets] in
+csrc/include/fusedopt/philox.h). A state list a
 configuration does not use is passed empty. State lists hold the params' dtype, or float32 for float16/bfloat16
 params (Note [State dtype] in csrc/include/fusedopt/checks.h); `stochastic_rounding` stores bfloat16 params
 rounded stochastically (Note [Stochastic rounding] in csrc/include/fusedopt/math/round.h). The fakes let
@@ -44,7 +47,7 @@ def sgd_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tenso
          indices: list[int], *, lr: Union[float, Tensor], momentum: float = 0.0, dampening: float = 0.0,
          nesterov: bool = False, ema_momentum: bool = False, weight_decay: float = 0.0, l1_decay: float = 0.0,
          decoupled_weight_decay: bool = False, maximize: bool = False, grad_keep_prob: float = 1.0,
-         grad_mask_seed: int = 0, stochastic_rounding: bool = False,
+         grad_mask_seed: int = 0, stochastic_rounding: bool = False, shard_offsets: Optional[list[int]] = None,
          grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
     """SGD; momentum_buffers is empty when momentum == 0."""
     if params:  # with no tensor at all the dispatcher finds no kernel
@@ -52,22 +55,23 @@ def sgd_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tenso
             lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, ema_momentum=ema_momentum,
             weight_decay=weight_decay, l1_decay=l1_decay, decoupled_weight_decay=decoupled_weight_decay,
             maximize=maximize, grad_keep_prob=grad_keep_prob, grad_mask_seed=grad_mask_seed,
-            stochastic_rounding=stochastic_rounding, grad_scale=grad_scale, found_inf=found_inf))
+            stochastic_rounding=stochastic_rounding, shard_offsets=shard_offsets, grad_scale=grad_scale,
+            found_inf=found_inf))
 
 
 def adagrad_(params: list[Tensor], grads: list[Tensor], state_sums: list[Tensor], steps: list[Tensor],
              indices: list[int], *, lr: Union[float, Tensor], lr_decay: float = 0.0, eps: float = 1e-10,
              weight_decay: float = 0.0, l1_decay: float = 0.0, decoupled_weight_decay: bool = False,
              maximize: bool = False, grad_keep_prob: float = 1.0, grad_mask_seed: int = 0,
-             stochastic_rounding: bool = False, grad_scale: Optional[Tensor] = None,
-             found_inf: Optional[Tensor] = None) -> None:
+             stochastic_rounding: bool = False, shard_offsets: Optional[list[int]] = None,
+             grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
     """Adagrad."""
     if params:  # with no tensor at all the dispatcher finds no kernel
         _call(torch.ops.fusedopt.adagrad_, "adagrad_", (params, grads, state_sums, steps, indices), dict(
             lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay, l1_decay=l1_decay,
             decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, grad_keep_prob=grad_keep_prob,
-            grad_mask_seed=grad_mask_seed, stochastic_rounding=stochastic_rounding, grad_scale=grad_scale,
-            found_inf=found_inf))
+            grad_mask_seed=grad_mask_seed, stochastic_rounding=stochastic_rounding, shard_offsets=shard_offsets,
+            grad_scale=grad_scale, found_inf=found_inf))
 
 
 def rmsprop_(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor], grad_avgs: list[Tensor],
@@ -75,8 +79,8 @@ def rmsprop_(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor
              alpha: float = 0.99, eps: float = 1e-8, momentum: float = 0.0, centered: bool = False,
              weight_decay: float = 0.0, l1_decay: float = 0.0, decoupled_weight_decay: bool = False,
              maximize: bool = False, grad_keep_prob: float = 1.0, grad_mask_seed: int = 0,
-             stochastic_rounding: bool = False, grad_scale: Optional[Tensor] = None,
-             found_inf: Optional[Tensor] = None) -> None:
+             stochastic_rounding: bool = False, shard_offsets: Optional[list[int]] = None,
+             grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
     """RMSprop; grad_avgs is empty unless centered, momentum_buffers unless momentum > 0."""
     if params:  # with no tensor at all the dispatcher finds no kernel
         lists = (params, grads, square_avgs, grad_avgs, momentum_buffers, steps, indices)
@@ -84,7 +88,7 @@ def rmsprop_(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor
             lr=lr, alpha=alpha, eps=eps, momentum=momentum, centered=centered, weight_decay=weight_decay,
             l1_decay=l1_decay, decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
             grad_keep_prob=grad_keep_prob, grad_mask_seed=grad_mask_seed, stochastic_rounding=stochastic_rounding,
-            grad_scale=grad_scale, found_inf=found_inf))
+            shard_offsets=shard_offsets, grad_scale=grad_scale, found_inf=found_inf))
 
 
 def adam_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
@@ -92,7 +96,7 @@ def adam_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
           beta1: Union[float, Tensor] = 0.9, beta2: Union[float, Tensor] = 0.999, eps: float = 1e-8, amsgrad: bool = False,
           eps_inside_sqrt: bool = False, weight_decay: float = 0.0, l1_decay: float = 0.0,
           decoupled_weight_decay: bool = False, maximize: bool = False, grad_keep_prob: float = 1.0,
-          grad_mask_seed: int = 0, stochastic_rounding: bool = False,
+          grad_mask_seed: int = 0, stochastic_rounding: bool = False, shard_offsets: Optional[list[int]] = None,
           grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
     """Adam / AdamW (decoupled_weight_decay=True); max_exp_avg_sqs is empty unless amsgrad. With a tensor beta,
     the `.tensor_betas` overload, which takes lr and both betas as tensors (Note [Tensor betas] in
@@ -108,7 +112,8 @@ def adam_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
             lr=lr, beta1=beta1, beta2=beta2, eps=eps, amsgrad=amsgrad, eps_inside_sqrt=eps_inside_sqrt,
             weight_decay=weight_decay, l1_decay=l1_decay, decoupled_weight_decay=decoupled_weight_decay,
             maximize=maximize, grad_keep_prob=grad_keep_prob, grad_mask_seed=grad_mask_seed,
-            stochastic_rounding=stochastic_rounding, grad_scale=grad_scale, found_inf=found_inf))
+            stochastic_rounding=stochastic_rounding, shard_offsets=shard_offsets, grad_scale=grad_scale,
+            found_inf=found_inf))
 
 
 def stream_(a: Tensor, b: Tensor, s: float) -> None:
@@ -124,7 +129,10 @@ def _fake(op: str, n_states: int):
         if len(states) != n_states:
             raise RuntimeError(f"{op}: expected {n_states} state lists, got {len(states)}")
         n = len(params)
-        for name, got in [("grads", grads), ("steps", steps), ("indices", indices)]:
+        counted = [("grads", grads), ("steps", steps), ("indices", indices)]
+        if options.get("shard_offsets") is not None:
+            counted.append(("shard_offsets", options["shard_offsets"]))
+        for name, got in counted:
             if len(got) != n:
                 raise RuntimeError(f"{op}: got {n} params but {len(got)} {name}")
         for i, state in enumerate(states):

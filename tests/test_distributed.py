@@ -36,6 +36,8 @@ OPTIMIZERS = {
                                grad_mask_seed=5)),
 }
 ADAMW = dict(lr=0.01, weight_decay=0.1)
+# Gradient masking under FSDP2: shards start off a Philox block (rank 1's bias of the second layer, from 2).
+MASKED = dict(lr=0.01, grad_keep_prob=0.5, grad_mask_seed=1)
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="this torch build has no torch.distributed with gloo")
@@ -140,13 +142,24 @@ def _fsdp(rank, _):
                          for k, v in s.items()} for i, s in saved["state"].items()}
             opt = cls(model.parameters(), **options)  # resumed from the DTensor state
             opt.load_state_dict(saved)
-    masked = fusedopt.Adam(model.parameters(), grad_keep_prob=0.5, grad_mask_seed=1)
-    try:
+    params = [p.full_tensor() for p in model.parameters()]
+    # Gradient masking on the shards: each draws the masks of its place in the whole parameter (Note [Shard
+    # offsets] in csrc/include/fusedopt/philox.h), so the steps are those of unsharded training.
+    masked = fusedopt.Adam(model.parameters(), **MASKED)
+    for _ in range(STEPS):
+        masked.zero_grad()
+        _loss(model, _half(rank)).backward()
         masked.step()
+    # A tensor-parallel Shard(1) shard is not one run of the parameter's elements: masking it is refused.
+    from torch.distributed.tensor import Shard, distribute_tensor
+    columns = nn.Parameter(distribute_tensor(torch.ones(4, 6), mesh, [Shard(1)]))
+    columns.grad = distribute_tensor(torch.ones(4, 6), mesh, [Shard(1)])
+    try:
+        fusedopt.Adam([columns], **MASKED).step()
         refused = None
     except NotImplementedError as e:
         refused = str(e)
-    return dict(params=[p.full_tensor() for p in model.parameters()],
+    return dict(params=params, masked=[p.full_tensor() for p in model.parameters()],
                 shards=[tuple(p.to_local().shape) for p in model.parameters()], state=state, refused=refused)
 
 
@@ -254,10 +267,13 @@ def test_fsdp2_fully_shard(tmp_path, monkeypatch):
                 kind, saved = result["state"][i][key]
                 assert kind == ("Tensor" if key == "step" else "DTensor"), key
                 assert torch.equal(saved, value), key
-        assert "grad_keep_prob < 1 with DTensor" in result["refused"]
+        assert "one run of its row-major elements" in result["refused"]
     _replay(model, opt, RESUMED)
     for result in ranks:
         assert all(torch.equal(p, q) for p, q in zip(result["params"], model.parameters()))
+    _replay(model, fusedopt.Adam(model.parameters(), **MASKED), STEPS)
+    for result in ranks:
+        assert all(torch.equal(p, q) for p, q in zip(result["masked"], model.parameters()))
     full = _model()
     _train(full, cls(full.parameters(), **options), STEPS + RESUMED)
     torch.testing.assert_close(ranks[0]["params"], _params(full), **TOL)

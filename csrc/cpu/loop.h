@@ -179,10 +179,14 @@ __attribute__((always_inline)) inline void for_each_list(const F& f) {
 // others state_t (Note [State dtype]); with SR, θ is stored with stochastic
 // rounding. When a list holds a half type, the main loop moves two vectors
 // per array and step (Note [Half pairs]) and runs the body on each. `mask`
-// and `round` are the draws of MASK and SR; begin is a multiple of kChunk.
+// and `round` are the draws of MASK and SR, element i drawing as element
+// base + i of its parameter (Note [Shard offsets]); begin is a multiple of
+// kChunk. A span whose first element does not start a word of keep bits (a
+// batch of halves) draws one batch more and shifts its bits down (reads its
+// halves from further in).
 template <typename scalar_t, typename state_t, bool SR, int N, bool MASK, typename Body>
-inline void elementwise(void* const* ptr, int64_t begin, int64_t end, unsigned stores, const Draw& mask,
-                        const Draw& round, Ahead& cursor, const Body& rule_body) {
+inline void elementwise(void* const* ptr, int64_t begin, int64_t end, int64_t base, unsigned stores,
+                        const Draw& mask, const Draw& round, Ahead& cursor, const Body& rule_body) {
   // Local copies whose addresses never escape: the rule's constants and the
   // cursor can live in registers (stores through the data pointers, or of the
   // keep bits, could alias the caller's copies).
@@ -200,8 +204,10 @@ inline void elementwise(void* const* ptr, int64_t begin, int64_t end, unsigned s
   static_assert(kChunk % kSpan == 0 && 64 % (U * W) == 0);
   const std::optional<Keeper> keeper = MASK ? std::optional<Keeper>(mask) : std::nullopt;
   const std::optional<Keeper> rounder = SR ? std::optional<Keeper>(round) : std::nullopt;
-  uint64_t bits[kBits];
-  uint16_t halves[kHalves];
+  const int bit_lag = static_cast<int>(base & 63), half_lag = static_cast<int>(base & 127);
+  uint64_t bits[MASK ? kBits + kBatch : 1];
+  uint16_t halves[2 * kHalves];
+  const uint16_t* span_halves = halves + (SR ? half_lag : 0);
   int64_t span = begin;
   // M vectors from element i, with n lanes in the last: whole vectors (FULL, n == W) or one partial
   // vector (M == 1). Always inlined, so the main loop keeps the rule's constants in registers.
@@ -229,7 +235,7 @@ inline void elementwise(void* const* ptr, int64_t begin, int64_t end, unsigned s
       T* p = static_cast<T*>(ptr[K]) + i;
       if constexpr (K == 0 && SR) {
         static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "a word's low half is its first two bytes");
-        for (int m = 0; m < M; ++m) store_stochastic(p + m * W, x[m][K], halves + j + m * W, FULL ? W : n);
+        for (int m = 0; m < M; ++m) store_stochastic(p + m * W, x[m][K], span_halves + j + m * W, FULL ? W : n);
       } else if constexpr (M == 2) {
         VecIo<T>::store2(p, x[0][K], x[1][K]);
       } else if constexpr (FULL) {
@@ -241,10 +247,16 @@ inline void elementwise(void* const* ptr, int64_t begin, int64_t end, unsigned s
   };
   for (; span < end; span += kSpan) {
     const int64_t stop = std::min(end, span + kSpan);
-    const auto q = static_cast<uint64_t>(span);
-    if constexpr (MASK)
-      for (int k = 0; k < kBits; k += kBatch) keeper->batch((q >> 6) + k, bits + k);
-    if constexpr (SR) rounder->words(q >> 7, halves);
+    const auto q = static_cast<uint64_t>(base + span);
+    if constexpr (MASK) {
+      for (int k = 0; k < kBits + (bit_lag ? kBatch : 0); k += kBatch) keeper->batch((q >> 6) + k, bits + k);
+      if (bit_lag)
+        for (int k = 0; k < kBits; ++k) bits[k] = bits[k] >> bit_lag | bits[k + 1] << (64 - bit_lag);
+    }
+    if constexpr (SR) {
+      rounder->words(q >> 7, halves);
+      if (half_lag) rounder->words((q >> 7) + kBatch, halves + kHalves);
+    }
     int64_t i = span;
     for (; i + U * W <= stop; i += U * W) {
       for_each_list<N>([&]<int K>() __attribute__((always_inline)) {  // Note [Prefetch ahead]
@@ -283,9 +295,9 @@ void run_optimizer(const Call& call, const Rule& rule) {
       const Draw mask{call.common.seed, philox::grad_mask_offset(t.step, t.index), call.common.threshold};
       const Draw round{call.common.seed, philox::rounding_offset(t.step, t.index)};
       if (t.step == step)
-        elementwise<scalar_t, state_t, SR, N, MASK>(t.ptr, begin, end, stores, mask, round, ahead, shared);
+        elementwise<scalar_t, state_t, SR, N, MASK>(t.ptr, begin, end, t.base, stores, mask, round, ahead, shared);
       else
-        elementwise<scalar_t, state_t, SR, N, MASK>(t.ptr, begin, end, stores, mask, round, ahead,
+        elementwise<scalar_t, state_t, SR, N, MASK>(t.ptr, begin, end, t.base, stores, mask, round, ahead,
                                                     rule(t.step, S{}));
     });
   });

@@ -19,6 +19,7 @@ but no step therefore has taken at least one step, and continues at step 1 (the 
 with g only when t == 1).
 """
 import itertools
+import math
 import operator
 import sys
 from collections.abc import Mapping
@@ -198,6 +199,7 @@ class FusedOptimizer(Optimizer):
             rounding = group["bf16_stochastic_rounding"]
             for device, dtype, members, lists in plan[1]:
                 copies = []  # (tensor, the contiguous copy handed to the op)
+                offsets = None  # Note [Shard offsets] in csrc/include/fusedopt/philox.h
                 # A gradient is written only when unscaled; an expanded one cannot be written back.
                 grad_copies = copies if grad_scale is not None else []
                 if lists is None:  # complex or non-contiguous members: operands anew each step
@@ -205,6 +207,8 @@ class FusedOptimizer(Optimizer):
                              for k, t in enumerate(self._operands(params[i], grads[i], group, spec))]
                             for i in members]
                     op_lists = _columns(rows) + [[i + first for i in members]]
+                    masked = group["grad_keep_prob"] < 1
+                    offsets = [_shard_offset(params[i], masked, self) for i in members]
                 else:  # real members (so real gradients: torch checks a .grad's dtype); copy only if strided
                     members_grads = grads if len(members) == len(grads) else [grads[i] for i in members]
                     contiguous = (all(map(torch.Tensor.is_contiguous, members_grads)) if compiling
@@ -216,7 +220,7 @@ class FusedOptimizer(Optimizer):
                     amp[device] = [None if t is None else t.to(device=device, dtype=torch.float32)
                                    for t in (grad_scale, found_inf)]
                 self._op(*op_lists, **options, stochastic_rounding=rounding and dtype is torch.bfloat16,
-                         grad_scale=amp[device][0], found_inf=amp[device][1])
+                         shard_offsets=offsets, grad_scale=amp[device][0], found_inf=amp[device][1])
                 for t, c in copies:
                     t.copy_(c)
             first += len(params)
@@ -226,13 +230,7 @@ class FusedOptimizer(Optimizer):
         """p, its gradient, its state buffers in use (op order) and its step tensor, each a plain tensor
         (Note [DTensor operands])."""
         state = self._state(p, group)
-        local = _local(p)
-        if local is not p and group["grad_keep_prob"] < 1:
-            raise NotImplementedError(
-                f"{type(self).__name__}: grad_keep_prob < 1 with DTensor (sharded) parameters is not supported: "
-                "the gradient mask numbers the elements of each shard from 0, so every rank would draw the same "
-                "mask for different parts of a parameter")
-        return [local, *map(_local, [g, *(state[k] if used else None for k, used in spec), state["step"]])]
+        return [_local(p), *map(_local, [g, *(state[k] if used else None for k, used in spec), state["step"]])]
 
     def _plan(self, group, spec, grads, first):
         """Note [Step plans]
@@ -395,13 +393,42 @@ def _local(t):
     too, and torch.full_like(p) makes the state buffers DTensors, as torch's optimizers keep them in
     state_dict(). fusedopt's ops have no DTensor sharding rule, and need none: every rule is elementwise, so
     the op updates each rank's shard (to_local(): the local tensor itself, no copy, under no_grad) in place.
-    The gradient mask is the exception: it numbers a tensor's elements from 0, so _operands refuses it for
-    sharded parameters. torch.distributed.tensor is looked up in sys.modules, not imported: importing it
-    takes about a second, and without it no tensor is a DTensor."""
+    Only the gradient mask and the rounding bits depend on where an element lies in its parameter: each
+    shard hands the op the index of its first element (_shard_offset). torch.distributed.tensor is looked up
+    in sys.modules, not imported: importing it takes about a second, and without it no tensor is a
+    DTensor."""
     if type(t) is torch.Tensor:  # the common case, a gradient: a quicker test than isinstance
         return t
     dtensor = sys.modules.get("torch.distributed.tensor")
     return t.to_local() if dtensor is not None and isinstance(t, dtensor.DTensor) else t
+
+
+def _shard_offset(p, masked, opt):
+    """The index, in p's whole parameter (as real numbers), of the first element of p's local shard: 0 for a
+    plain tensor. Its gradient mask and rounding bits are then those of unsharded training (Note [Shard offsets]
+    in csrc/include/fusedopt/philox.h). That needs the shard to be one run of the parameter's row-major elements,
+    as FSDP2's dim-0 shards are; other layouts (a tensor-parallel Shard(1), a _StridedShard) cannot mask the
+    gradient (NotImplementedError) and draw their rounding bits as a tensor of their own."""
+    if _local(p) is p:
+        return 0
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    shape, start = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    run = all(type(placement) in (Shard, Replicate) for placement in p.placements) and all(
+        size == whole or math.prod(shape[:d]) == 1 for d, (size, whole) in enumerate(zip(shape, p.shape)))
+    if not run:
+        if masked:
+            raise NotImplementedError(
+                f"{type(opt).__name__}: grad_keep_prob < 1 needs each shard of a DTensor parameter to be one run of "
+                f"its row-major elements (FSDP2's dim-0 shards are), got placements {tuple(p.placements)} with a "
+                f"local shard of shape {tuple(shape)} of {tuple(p.shape)}")
+        return 0
+    stride = 2 if p.is_complex() else 1  # view_as_real: two numbers per element
+    offset = 0
+    for d in reversed(range(p.dim())):
+        offset += start[d] * stride
+        stride *= p.shape[d]
+    return offset
 
 
 def _state_dtype(p, group):

@@ -41,19 +41,19 @@ def keep_threshold(r: float) -> int:
     return min(round(r * 2**32), 2**32)
 
 
-def words(seed: int, offset: int, n: int) -> np.ndarray:
-    """The Philox words of elements 0..n-1 of the stream (seed, offset), uint32.
+def words(seed: int, offset: int, n: int, start: int = 0) -> np.ndarray:
+    """The Philox words of elements start..start+n-1 of the stream (seed, offset), uint32.
 
     Element i: key = (seed low 32, seed high 32), counter = (g low, g high, offset low, offset high) with
     g = i >> 2, word i & 3 of the output."""
     seed %= 2**64
     offset %= 2**64
-    g = np.arange((n + 3) // 4, dtype=np.uint64)
+    g = np.arange(start // 4, (start + n + 3) // 4, dtype=np.uint64)
     out = philox4x32_10(g & _MASK32, g >> _SHIFT32, offset & 0xFFFFFFFF, offset >> 32, seed & 0xFFFFFFFF, seed >> 32)
-    return np.stack(out, axis=-1).reshape(-1)[:n]  # element 4g + w is word w of counter g
+    return np.stack(out, axis=-1).reshape(-1)[start % 4:start % 4 + n]  # element 4g + w: word w of counter g
 
 
-def keep_mask(seed: int, offset: int, n: int, keep_prob: float) -> np.ndarray:
-    """Keep bits of elements 0..n-1 (row-major logical index) of the draw (seed, offset), as a bool array:
-    element i is kept iff its word (see `words`) < keep_threshold(keep_prob)."""
-    return words(seed, offset, n).astype(np.int64) < keep_threshold(keep_prob)
+def keep_mask(seed: int, offset: int, n: int, keep_prob: float, start: int = 0) -> np.ndarray:
+    """Keep bits of elements start..start+n-1 (row-major logical index) of the draw (seed, offset), as a bool
+    array: element i is kept iff its word (see `words`) < keep_threshold(keep_prob)."""
+    return words(seed, offset, n, start).astype(np.int64) < keep_threshold(keep_prob)

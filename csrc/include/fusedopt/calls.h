@@ -133,27 +133,28 @@ using SgdOp = void(at::TensorList params, at::TensorList grads, at::TensorList m
                    at::TensorList steps, at::IntArrayRef indices, Lr lr, double momentum, double dampening,
                    bool nesterov, bool ema_momentum, double weight_decay, double l1_decay, bool decoupled,
                    bool maximize, double grad_keep_prob, int64_t grad_mask_seed, bool stochastic_rounding,
-                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
+                   at::OptionalIntArrayRef shard_offsets, const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf);
 template <typename Lr>
 using AdagradOp = void(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList steps,
                        at::IntArrayRef indices, Lr lr, double lr_decay, double eps, double weight_decay,
                        double l1_decay, bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed,
-                       bool stochastic_rounding, const std::optional<at::Tensor>& grad_scale,
-                       const std::optional<at::Tensor>& found_inf);
+                       bool stochastic_rounding, at::OptionalIntArrayRef shard_offsets,
+                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
 template <typename Lr>
 using RmspropOp = void(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
                        at::TensorList grad_avgs, at::TensorList momentum_buffers, at::TensorList steps,
                        at::IntArrayRef indices, Lr lr, double alpha, double eps, double momentum, bool centered,
                        double weight_decay, double l1_decay, bool decoupled, bool maximize, double grad_keep_prob,
-                       int64_t grad_mask_seed, bool stochastic_rounding, const std::optional<at::Tensor>& grad_scale,
-                       const std::optional<at::Tensor>& found_inf);
+                       int64_t grad_mask_seed, bool stochastic_rounding, at::OptionalIntArrayRef shard_offsets,
+                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
 template <typename Lr>
 using AdamOp = void(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                     at::TensorList max_exp_avg_sqs, at::TensorList steps, at::IntArrayRef indices, LrArg<Lr> lr,
                     BetaArg<Lr> beta1, BetaArg<Lr> beta2, double eps, bool amsgrad, bool eps_inside_sqrt, double weight_decay,
                     double l1_decay, bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed,
-                    bool stochastic_rounding, const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf);
+                    bool stochastic_rounding, at::OptionalIntArrayRef shard_offsets,
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
 
 // Note [Device ops]
 // Each optimizer op is written once, here, for every device. A device
@@ -170,8 +171,8 @@ template <typename Device, typename Lr>
 void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, at::TensorList steps,
           at::IntArrayRef indices, Lr lr, double momentum, double dampening, bool nesterov, bool ema_momentum,
           double weight_decay, double l1_decay, bool decoupled, bool maximize, double grad_keep_prob,
-          int64_t grad_mask_seed, bool stochastic_rounding, const std::optional<at::Tensor>& grad_scale,
-          const std::optional<at::Tensor>& found_inf) {
+          int64_t grad_mask_seed, bool stochastic_rounding, at::OptionalIntArrayRef shard_offsets,
+          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   if constexpr (Device::kOneDevice)
     check_one_device("sgd_", {{"params", params}, {"grads", grads}, {"momentum_buffers", momentum_buffers},
                               {"steps", steps}}, grad_scale, found_inf);
@@ -187,7 +188,7 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
   TORCH_CHECK(!(nesterov && ema_momentum), "fusedopt: nesterov and ema_momentum are exclusive");
   call.hyper = {momentum, dampening, nesterov, ema_momentum};
   gather("sgd_", call, params, grads, {{"momentum_buffers", momentum_buffers, momentum != 0}}, steps, indices,
-         grad_scale, found_inf, Device::kType);
+         shard_offsets, grad_scale, found_inf, Device::kType);
   call.lr = klr.ptr();
   Device::run(call, params, steps, grad_scale, found_inf);
 }
@@ -196,7 +197,8 @@ template <typename Device, typename Lr>
 void adagrad_(at::TensorList params, at::TensorList grads, at::TensorList state_sums, at::TensorList steps,
               at::IntArrayRef indices, Lr lr, double lr_decay, double eps, double weight_decay, double l1_decay,
               bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed, bool stochastic_rounding,
-              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+              at::OptionalIntArrayRef shard_offsets, const std::optional<at::Tensor>& grad_scale,
+              const std::optional<at::Tensor>& found_inf) {
   if constexpr (Device::kOneDevice)
     check_one_device("adagrad_", {{"params", params}, {"grads", grads}, {"state_sums", state_sums},
                                   {"steps", steps}}, grad_scale, found_inf);
@@ -207,8 +209,8 @@ void adagrad_(at::TensorList params, at::TensorList grads, at::TensorList state_
   check_hyper(std::isfinite(lr_decay) && lr_decay >= 0, "lr_decay", lr_decay);
   check_hyper(std::isfinite(eps) && eps >= 0, "eps", eps);
   call.hyper = {lr_decay, eps};
-  gather("adagrad_", call, params, grads, {{"state_sums", state_sums, true}}, steps, indices, grad_scale,
-         found_inf, Device::kType);
+  gather("adagrad_", call, params, grads, {{"state_sums", state_sums, true}}, steps, indices, shard_offsets,
+         grad_scale, found_inf, Device::kType);
   call.lr = klr.ptr();
   Device::run(call, params, steps, grad_scale, found_inf);
 }
@@ -218,7 +220,8 @@ void rmsprop_(at::TensorList params, at::TensorList grads, at::TensorList square
               at::TensorList momentum_buffers, at::TensorList steps, at::IntArrayRef indices, Lr lr, double alpha,
               double eps, double momentum, bool centered, double weight_decay, double l1_decay, bool decoupled,
               bool maximize, double grad_keep_prob, int64_t grad_mask_seed, bool stochastic_rounding,
-              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+              at::OptionalIntArrayRef shard_offsets, const std::optional<at::Tensor>& grad_scale,
+              const std::optional<at::Tensor>& found_inf) {
   if constexpr (Device::kOneDevice)
     check_one_device("rmsprop_", {{"params", params}, {"grads", grads}, {"square_avgs", square_avgs},
                                   {"grad_avgs", grad_avgs}, {"momentum_buffers", momentum_buffers},
@@ -235,7 +238,7 @@ void rmsprop_(at::TensorList params, at::TensorList grads, at::TensorList square
          {{"square_avgs", square_avgs, true},
           {"grad_avgs", grad_avgs, centered},
           {"momentum_buffers", momentum_buffers, momentum > 0}},
-         steps, indices, grad_scale, found_inf, Device::kType);
+         steps, indices, shard_offsets, grad_scale, found_inf, Device::kType);
   call.lr = klr.ptr();
   Device::run(call, params, steps, grad_scale, found_inf);
 }
@@ -245,8 +248,8 @@ void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
            at::TensorList max_exp_avg_sqs, at::TensorList steps, at::IntArrayRef indices, LrArg<Lr> lr,
            BetaArg<Lr> beta1, BetaArg<Lr> beta2, double eps, bool amsgrad, bool eps_inside_sqrt, double weight_decay,
            double l1_decay, bool decoupled, bool maximize, double grad_keep_prob, int64_t grad_mask_seed,
-           bool stochastic_rounding, const std::optional<at::Tensor>& grad_scale,
-           const std::optional<at::Tensor>& found_inf) {
+           bool stochastic_rounding, at::OptionalIntArrayRef shard_offsets,
+           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   if constexpr (Device::kOneDevice)
     check_one_device("adam_", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
                                {"exp_avg_sqs", exp_avg_sqs}, {"max_exp_avg_sqs", max_exp_avg_sqs},
@@ -265,7 +268,7 @@ void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
          {{"exp_avgs", exp_avgs, true},
           {"exp_avg_sqs", exp_avg_sqs, true},
           {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}},
-         steps, indices, grad_scale, found_inf, Device::kType);
+         steps, indices, shard_offsets, grad_scale, found_inf, Device::kType);
   call.lr = klr.ptr();
   call.beta1 = kb1.ptr();
   call.beta2 = kb2.ptr();

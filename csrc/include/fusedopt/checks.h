@@ -104,18 +104,20 @@ inline bool is_state_dtype(at::ScalarType param, at::ScalarType state) {
 }
 
 // Validates an optimizer op's lists (params, grads, state lists, steps,
-// indices, AMP tensors) for `device_type` and fills `call`: one TensorRef
-// per parameter with the pointers of the lists in use, in order, the number
-// of lists and the dtypes.
+// indices, shard offsets, AMP tensors) for `device_type` and fills `call`:
+// one TensorRef per parameter with the pointers of the lists in use, in
+// order, the number of lists and the dtypes.
 template <typename Hyper>
 inline void gather(const char* op, OptimizerCall<Hyper>& call, at::TensorList params, at::TensorList grads,
                    std::initializer_list<NamedList> states, at::TensorList steps, at::IntArrayRef indices,
-                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                   c10::DeviceType device_type) {
+                   at::OptionalIntArrayRef shard_offsets, const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf, c10::DeviceType device_type) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n, op, ": got ", n, " params but ", grads.size(), " grads");
   TORCH_CHECK(steps.size() == n, op, ": got ", n, " params but ", steps.size(), " steps");
   TORCH_CHECK(indices.size() == n, op, ": got ", n, " params but ", indices.size(), " indices");
+  TORCH_CHECK(!shard_offsets || shard_offsets->size() == n, op, ": got ", n, " params but ",
+              shard_offsets ? shard_offsets->size() : 0, " shard_offsets");
   int& lists = call.lists;
   lists = 2;
   const NamedList* first_state = nullptr;
@@ -196,6 +198,11 @@ inline void gather(const char* op, OptimizerCall<Hyper>& call, at::TensorList pa
     r.step_ptr = st.data_ptr();
     r.step_double = st_type == at::kDouble;
     r.index = indices[j];
+    if (shard_offsets) {
+      r.base = (*shard_offsets)[j];
+      TORCH_CHECK(r.base >= 0 && r.base <= (int64_t(1) << 62) - numel, op, ": shard_offsets[", j,
+                  "] must lie in [0, 2^62 - numel], got ", r.base);
+    }
     add(r.step_ptr, 1, st_type == at::kDouble ? 8 : 4, "steps");
   }
   check_no_overlap(std::move(ranges));

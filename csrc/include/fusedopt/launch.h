@@ -21,6 +21,7 @@ struct TensorRef {
   void* step_ptr = nullptr;  // the `step` tensor's storage (CUDA reads it)
   bool step_double = false;  // whether that step is float64 (else float32)
   int64_t index = 0;  // position in the optimizer's state numbering
+  int64_t base = 0;   // element 0's index in its whole parameter (Note [Shard offsets])
 };
 
 // The value at p of a float64 (is_double) or float32 scalar: a step, an AMP tensor.

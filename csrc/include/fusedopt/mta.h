@@ -79,11 +79,12 @@ constexpr uint32_t kAligned = 1u << 25;
 
 template <int N>
 struct Table {
-  static constexpr int K = static_cast<int>((kArgBytes - 24) / (8 * N + 32));
+  static constexpr int K = static_cast<int>((kArgBytes - 24) / (8 * N + 40));
   void* ptr[K][N];   // the N lists' data of each slot's tensor
   void* step[K];     // its step (float32 or float64, on the device)
   int64_t first[K];  // first element of the slot (a multiple of chunk)
   int64_t numel[K];  // elements of the whole tensor
+  int64_t base[K];   // element 0's index in its whole parameter (Note [Shard offsets])
   int32_t begin[K];  // first block of the slot
   uint32_t info[K];
   int64_t chunk;
@@ -159,6 +160,7 @@ void plan(const std::vector<TensorRef>& tensors, const Limits& lim, Table<N>& ta
       tab.step[s] = t.step_ptr;
       tab.first[s] = c * lim.chunk;
       tab.numel[s] = t.numel;
+      tab.base[s] = t.base;
       tab.begin[s] = tab.blocks;
       tab.info[s] = info;
       tab.blocks += static_cast<int32_t>(take);
@@ -211,35 +213,54 @@ FUSEDOPT_HD inline void store_group(T* p, const Group<T, G>& g) {
 #endif
 }
 
-// Keep bits of elements i .. i + G - 1 of a gradient mask, bit e for element
-// i + e; i % 4 == 0.
+// Keep bits of elements i .. i + G - 1 of a gradient mask (i counted in the
+// whole parameter, Note [Shard offsets]), bit e for element i + e. G % 4 == 0:
+// G / 4 Philox blocks, and one more when i does not start a block.
 template <int G>
-FUSEDOPT_HD inline uint32_t keep_bits(const math::Common& c, uint64_t offset, int64_t i) {
+FUSEDOPT_HD inline uint32_t keep_bits(const math::Common& c, uint64_t offset, uint64_t i) {
+  static_assert(G % 4 == 0 && G <= 28, "a mask group is whole Philox blocks, its bits one word");
+  const int lag = static_cast<int>(i & 3);
   uint32_t bits = 0;
   FUSEDOPT_UNROLL
-  for (int b = 0; b < G / 4; ++b) {
-    const philox::Words w = philox::block(c.seed, offset, (static_cast<uint64_t>(i) >> 2) + b);
+  for (int b = 0; b <= G / 4; ++b) {
+    if (b == G / 4 && lag == 0) break;
+    const philox::Words w = philox::block(c.seed, offset, (i >> 2) + b);
     FUSEDOPT_UNROLL
     for (int k = 0; k < 4; ++k) bits |= static_cast<uint32_t>(philox::keep(w.w[k], c.threshold)) << (4 * b + k);
   }
-  return bits;
+  return bits >> lag;
 }
 
-// The rounding bits of elements i .. i + G - 1 (Note [Rounding stream]):
-// out[e] for element i + e; i % 8 == 0 and G % 8 == 0, so a Philox block
-// covers 8 elements.
-template <int G>
-FUSEDOPT_HD inline void rounding_bits(uint64_t seed, uint64_t offset, int64_t i, uint16_t (&out)[G]) {
-  static_assert(G % 8 == 0, "a rounding group is whole Philox blocks");
+// The rounding halves of Philox blocks g .. g + B - 1 of a rounding stream
+// (Note [Rounding stream]): out[8b + h] for element 8(g + b) + h.
+template <int B>
+FUSEDOPT_HD inline void rounding_blocks(uint64_t seed, uint64_t offset, uint64_t g, uint16_t* out) {
   FUSEDOPT_UNROLL
-  for (int b = 0; b < G / 8; ++b) {
-    const philox::Words w = philox::block(seed, offset, (static_cast<uint64_t>(i) >> 3) + b);
+  for (int b = 0; b < B; ++b) {
+    const philox::Words w = philox::block(seed, offset, g + b);
     FUSEDOPT_UNROLL
     for (int k = 0; k < 4; ++k) {
       out[8 * b + 2 * k] = static_cast<uint16_t>(w.w[k]);
       out[8 * b + 2 * k + 1] = static_cast<uint16_t>(w.w[k] >> 16);
     }
   }
+}
+
+// The rounding bits of elements i .. i + G - 1 (i counted in the whole
+// parameter, Note [Shard offsets]): out[e] for element i + e. A Philox block
+// covers 8 elements; a group that does not start one reads G + 8 halves.
+template <int G>
+FUSEDOPT_HD inline void rounding_bits(uint64_t seed, uint64_t offset, uint64_t i, uint16_t (&out)[G]) {
+  static_assert(G % 8 == 0, "a rounding group is whole Philox blocks");
+  const int lag = static_cast<int>(i & 7);
+  if (lag == 0) {
+    rounding_blocks<G / 8>(seed, offset, i >> 3, out);
+    return;
+  }
+  uint16_t halves[G + 8];
+  rounding_blocks<G / 8 + 1>(seed, offset, i >> 3, halves);
+  FUSEDOPT_UNROLL
+  for (int e = 0; e < G; ++e) out[e] = halves[lag + e];
 }
 
 // Note [Chunk body]
@@ -271,6 +292,7 @@ FUSEDOPT_HD inline void optimizer_chunk(const A& a, int64_t block, int64_t tid, 
   const math::Pre<S> pre = math::make_pre<S>(common, scaled ? *a.grad_scale : 1.0f, scaled);
   const auto body = make_body(t, pre, common);
   const int64_t index = static_cast<int64_t>(info & kIndexMask);
+  const int64_t base = tab.base[s];
   const uint64_t offset = philox::grad_mask_offset(t, index);
   const bool vec = (info & kAligned) != 0;
   scalar_t* ptr[2];
@@ -304,9 +326,10 @@ FUSEDOPT_HD inline void optimizer_chunk(const A& a, int64_t block, int64_t tid, 
         for (int e = 0; e < G; ++e) w[k].v[e] = e < live ? sptr[k][i + e] : state_t(0);
       }
     }
-    const uint32_t bits = MASK ? keep_bits<G>(a.common, offset, i) : 0;
+    const auto at = static_cast<uint64_t>(base + i);  // in the whole parameter
+    const uint32_t bits = MASK ? keep_bits<G>(a.common, offset, at) : 0;
     uint16_t u[SR ? G : 8];
-    if constexpr (SR) rounding_bits<G>(a.common.seed, philox::rounding_offset(t, index), i, u);
+    if constexpr (SR) rounding_bits<G>(a.common.seed, philox::rounding_offset(t, index), at, u);
     FUSEDOPT_UNROLL
     for (int e = 0; e < G; ++e) {
       S x[N];

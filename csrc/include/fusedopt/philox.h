@@ -69,6 +69,18 @@ FUSEDOPT_HD inline uint64_t grad_mask_offset(int64_t step, int64_t index) {
   return (static_cast<uint64_t>(step) << 24) + static_cast<uint64_t>(index);
 }
 
+// Note [Shard offsets]
+// A tensor of an optimizer call may be a shard of a larger parameter (FSDP2's
+// fully_shard leaves each rank a dim-0 slice of every parameter): its element
+// i is element base + i of the whole parameter, base being the op's
+// shard_offsets[j] (0 when not given). Element i draws its mask and rounding
+// bits as element base + i, so sharded training draws the masks of unsharded
+// training on any number of ranks. A shard may start anywhere: off a Philox
+// block (4 mask or 8 rounding elements) and off a CPU draw span. The kernels
+// then draw from the block that holds the shard's first element and shift
+// the bits into place (Note [Draw spans] in csrc/cpu/loop.h; mta::keep_bits
+// and mta::rounding_bits for CUDA).
+
 // Note [Rounding stream]
 // The random bits of stochastic rounding (Note [Stochastic rounding] in
 // fusedopt/math/round.h) for parameter j at step t come from the same key
