@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <type_traits>
 #include <utility>
@@ -181,9 +182,10 @@ __attribute__((always_inline)) inline void for_each_list(const F& f) {
 // per array and step (Note [Half pairs]) and runs the body on each. `mask`
 // and `round` are the draws of MASK and SR, element i drawing as element
 // base + i of its parameter (Note [Shard offsets]); begin is a multiple of
-// kChunk. A span whose first element does not start a word of keep bits (a
-// batch of halves) draws one batch more and shifts its bits down (reads its
-// halves from further in).
+// kChunk. Where base + begin does not start a word of keep bits (a batch of
+// halves), a span's bits lie across one batch more: it shifts them down
+// (reads its halves from further in), and its last batch, drawn once, is the
+// next span's first.
 template <typename scalar_t, typename state_t, bool SR, int N, bool MASK, typename Body>
 inline void elementwise(void* const* ptr, int64_t begin, int64_t end, int64_t base, unsigned stores,
                         const Draw& mask, const Draw& round, Ahead& cursor, const Body& rule_body) {
@@ -248,13 +250,18 @@ inline void elementwise(void* const* ptr, int64_t begin, int64_t end, int64_t ba
   for (; span < end; span += kSpan) {
     const int64_t stop = std::min(end, span + kSpan);
     const auto q = static_cast<uint64_t>(base + span);
+    // Off a word (Note [Shard offsets]), the previous span's extra batch is this span's first.
+    const bool carried = span != begin;
     if constexpr (MASK) {
-      for (int k = 0; k < kBits + (bit_lag ? kBatch : 0); k += kBatch) keeper->batch((q >> 6) + k, bits + k);
+      if (bit_lag && carried) std::memcpy(bits, bits + kBits, sizeof(uint64_t) * kBatch);
+      for (int k = bit_lag && carried ? kBatch : 0; k < kBits + (bit_lag ? kBatch : 0); k += kBatch)
+        keeper->batch((q >> 6) + k, bits + k);
       if (bit_lag)
         for (int k = 0; k < kBits; ++k) bits[k] = bits[k] >> bit_lag | bits[k + 1] << (64 - bit_lag);
     }
     if constexpr (SR) {
-      rounder->words(q >> 7, halves);
+      if (half_lag && carried) std::memcpy(halves, halves + kHalves, sizeof(uint16_t) * kHalves);
+      else rounder->words(q >> 7, halves);
       if (half_lag) rounder->words((q >> 7) + kBatch, halves + kHalves);
     }
     int64_t i = span;
