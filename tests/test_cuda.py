@@ -18,6 +18,7 @@ import fusedopt._ext
 import fusedopt.reference as ref
 from test_gridemu import (DECAYS, DTYPES, EXTRAS, SEED, STATE_LISTS, VARIANTS, Case, _assert_bitwise, _call_with,
                           _dt)
+from test_shards import check_shards
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -373,6 +374,14 @@ def test_mask_matches_reference_on_device():
              grad_keep_prob=r, grad_mask_seed=seed)
     mask = ref.keep_mask(seed, (step0 + 1) * 2**24 + j, n, r)
     assert np.array_equal(p.cpu().numpy(), -mask.astype(np.float32) / np.float32(r))
+
+
+@pytest.mark.parametrize("kind", ["mask", "round", "mask+round"])
+@pytest.mark.parametrize("opt", ["sgd", "adagrad", "rmsprop", "adam"])
+def test_shards_step_as_the_whole(opt, kind):
+    """Note [Shard offsets]: a parameter's shards stepped on the device, each at its offset, equal the whole
+    parameter stepped on the CPU, bit for bit, masks and rounding bits included."""
+    check_shards(opt, kind, opt + "_", CUDA)
 
 
 # Errors.

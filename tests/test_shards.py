@@ -3,7 +3,8 @@ pieces of a parameter as separate tensors, each with the index of its first elem
 update every element bit for bit as the op on the whole parameter does, its gradient mask and rounding bits
 included, wherever the cuts fall: off a Philox block, off a CPU draw span, across chunks. Checked for the CPU
 op and for the grid emulation of the CUDA bodies (tests/test_gridemu.py), and the mask of a shard far into a
-parameter (a counter above 2^32) against the numpy reference."""
+parameter (a counter above 2^32) against the numpy reference. tests/test_cuda.py runs check_shards on a GPU.
+"""
 import numpy as np
 import pytest
 import torch
@@ -47,33 +48,37 @@ def _bits(t):
     return t.view(BITS[t.dtype])
 
 
+def check_shards(opt, kind, op, device="cpu"):
+    """Three steps of `op` on the shards of a parameter (on `device`) against the CPU op on the whole."""
+    rounding = "round" in kind
+    options = dict(grad_keep_prob=0.6 if "mask" in kind else 1.0, stochastic_rounding=rounding)
+    dtypes = [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)] if rounding else [
+        (torch.float32, torch.float32), (torch.float64, torch.float64), (torch.float16, torch.float32)]
+    cuts = np.cumsum([0] + SHARDS).tolist()
+    for dtype, state_dtype in dtypes:
+        whole = _whole(opt, dtype, state_dtype)
+        shards = [[t[a:b].to(device, copy=True) for a, b in zip(cuts, cuts[1:])] for t in whole]
+        whole = [[t] for t in whole]
+        whole_steps = [torch.tensor(0.0)]
+        shard_steps = [torch.tensor(0.0, device=device) for _ in SHARDS]
+        for _ in range(3):
+            _step(opt + "_", opt, whole, whole_steps, None, options)
+            _step(op, opt, shards, shard_steps, cuts[:-1], options)
+        where = f"{op} on {device}, {kind} {dtype}/{state_dtype}"
+        for k, (w, pieces) in enumerate(zip(whole, shards)):
+            got = torch.cat(pieces).cpu()
+            differ = (_bits(got) != _bits(w[0])).nonzero().flatten()[:5].tolist()
+            assert not differ, f"{where}: list {k} differs from the whole parameter's step at {differ}"
+        assert all(s.item() == 3 for s in shard_steps)
+
+
 @pytest.mark.parametrize("emulated", [False, True], ids=["cpu", "gridemu"])
 @pytest.mark.parametrize("kind", ["mask", "round", "mask+round"])
 @pytest.mark.parametrize("opt", list(CONFIGS))
 def test_shards_step_as_the_whole(opt, kind, emulated, monkeypatch):
     if emulated:  # small launches and chunks, so shards also split across launches
         monkeypatch.setenv("FUSEDOPT_GRIDEMU_PLAN", "5,7,256,32")
-    rounding = "round" in kind
-    options = dict(grad_keep_prob=0.6 if "mask" in kind else 1.0, stochastic_rounding=rounding)
-    dtypes = [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)] if rounding else [
-        (torch.float32, torch.float32), (torch.float64, torch.float64), (torch.float16, torch.float32)]
-    op = ("_gridemu_" if emulated else "") + opt + "_"
-    cuts = np.cumsum([0] + SHARDS).tolist()
-    for dtype, state_dtype in dtypes:
-        whole = _whole(opt, dtype, state_dtype)
-        shards = [[t[a:b].clone() for a, b in zip(cuts, cuts[1:])] for t in whole]
-        whole = [[t] for t in whole]
-        whole_steps = [torch.tensor(0.0)]
-        shard_steps = [torch.tensor(0.0) for _ in SHARDS]
-        for _ in range(3):
-            _step(op, opt, whole, whole_steps, None, options)
-            _step(op, opt, shards, shard_steps, cuts[:-1], options)
-        where = f"{op} {kind} {dtype}/{state_dtype}"
-        for k, (w, pieces) in enumerate(zip(whole, shards)):
-            got = torch.cat(pieces)
-            differ = (_bits(got) != _bits(w[0])).nonzero().flatten()[:5].tolist()
-            assert not differ, f"{where}: list {k} differs from the whole parameter's step at {differ}"
-        assert all(s.item() == 3 for s in shard_steps)
+    check_shards(opt, kind, ("_gridemu_" if emulated else "") + opt + "_")
 
 
 @pytest.mark.parametrize("emulated", [False, True], ids=["cpu", "gridemu"])
