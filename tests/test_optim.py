@@ -790,6 +790,47 @@ def test_grad_scaler_skipping_the_first_momentum_step(dampening):
         torch.testing.assert_close(opt.state[p]["momentum_buffer"], topt.state[q]["momentum_buffer"], **TORCH_TOL)
 
 
+@pytest.mark.parametrize("dampening", [0.0, 0.3])
+def test_unseeded_momentum_is_saved_as_none(dampening):
+    """A momentum that no step has seeded (GradScaler skipped SGD's first step) is saved as None, torch.optim.SGD's
+    own mark of it: torch resumes from fusedopt's checkpoint seeding b = g as fusedopt does, and so does a
+    fusedopt.SGD that loads it. (Saved as the zeros it holds, torch would continue with (1 − dampening)·g.)"""
+    options = dict(lr=0.05, momentum=0.9, dampening=dampening)
+    model = _model()
+    opt = fusedopt.SGD(model.parameters(), **options)
+    _amp_step(model, opt, torch.amp.GradScaler("cpu", init_scale=2.0**10), 0, poison=True)
+    saved = opt.state_dict()
+    assert saved["state"] and all(s["momentum_buffer"] is None and s["step"] == 0 for s in saved["state"].values())
+    assert all(torch.is_tensor(s["momentum_buffer"]) for s in opt.state.values())  # the live state keeps its buffers
+    resumed, tmodel = _model(), _model()
+    resumed_opt = fusedopt.SGD(resumed.parameters(), **options)
+    resumed_opt.load_state_dict(copy.deepcopy(saved))
+    topt = torch.optim.SGD(tmodel.parameters(), **options, foreach=False)
+    topt.load_state_dict(copy.deepcopy(saved))
+    for k in range(1, 4):
+        for m, o in [(model, opt), (resumed, resumed_opt), (tmodel, topt)]:
+            _amp_step(m, o, torch.amp.GradScaler("cpu", enabled=False), k)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed.parameters()))
+    torch.testing.assert_close(list(model.parameters()), list(tmodel.parameters()), **TORCH_TOL)
+
+
+def test_checkpoint_with_none_momentum_loads():
+    """torch.optim.SGD before 2.3 saved momentum_buffer None for every parameter when momentum was 0; and a
+    None momentum with momentum > 0 is one the next step seeds. Both load and step as torch does."""
+    for options in [dict(lr=0.05), dict(lr=0.05, momentum=0.9, dampening=0.3)]:
+        model, tmodel = _model(), _model()
+        opt = fusedopt.SGD(model.parameters(), **options)
+        topt = torch.optim.SGD(tmodel.parameters(), **options, foreach=False)
+        saved = topt.state_dict()
+        saved["state"] = {i: {"momentum_buffer": None} for i in range(len(list(model.parameters())))}
+        opt.load_state_dict(copy.deepcopy(saved))
+        topt.load_state_dict(saved)
+        for k in range(3):
+            for m, o in [(model, opt), (tmodel, topt)]:
+                _amp_step(m, o, torch.amp.GradScaler("cpu", enabled=False), k)
+        torch.testing.assert_close(list(model.parameters()), list(tmodel.parameters()), **TORCH_TOL)
+
+
 # CUDA (run on a lent GPU; skipped here).
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -109,7 +109,11 @@ class FusedOptimizer(Optimizer):
                     if key not in ("params", "param_names"):
                         group.setdefault(key, value)
             _check_state(self, state_dict["state"], saved)
-            loaded.append({**state_dict, "param_groups": saved})
+            # A buffer saved as None is one no step has made or seeded yet (torch.optim.SGD's momentum): the
+            # next step makes it afresh, as torch's would.
+            state = {i: {k: v for k, v in entries.items() if v is not None or k == "step"}
+                     for i, entries in state_dict["state"].items()}
+            loaded.append({**state_dict, "state": state, "param_groups": saved})
             return loaded[0]
 
         def cast(_):  # the first post-hook
@@ -286,7 +290,9 @@ class FusedOptimizer(Optimizer):
 # would restart the bias corrections) would make training silently wrong or fail later inside a
 # step, so load_state_dict checks every parameter's state against the group it is loaded into, before
 # anything is changed: known keys only; every buffer the group uses, and 'step' (torch's SGD keeps
-# none: _step_required False), present; buffers tensors of the parameter's shape, real floating point
+# none: _step_required False), present; buffers None (not made yet, as torch's SGD before 2.3 saved its
+# momentum with momentum 0, and fusedopt.SGD saves one no step has seeded) or tensors of the parameter's
+# shape, real floating point
 # for a real parameter (cast to its dtype, as torch does) and of its very dtype for a complex one
 # (torch does not cast those); the step a whole number >= 0, as a number or a one-element float tensor.
 
@@ -340,6 +346,8 @@ def _check_state(opt, state, groups):
                 _check_step(value, f"{name}: the step of parameter {i}")
                 continue
             what = f"{name}: state '{key}' of parameter {i}"
+            if value is None:  # not made yet (torch.optim.SGD's momentum_buffer); the next step makes it
+                continue
             if not torch.is_tensor(value):
                 raise ValueError(f"{what} must be a tensor, got {type(value).__name__}")
             if value.shape != p.shape:

@@ -50,6 +50,15 @@ class SGD(FusedOptimizer):
     def _buffers(self, group):
         return [("momentum_buffer", group["momentum"] != 0)]
 
+    def state_dict(self):
+        """torch.optim.Optimizer.state_dict, with the momentum of a parameter no step has updated yet (step 0:
+        GradScaler skipped its first step) saved as None: torch.optim.SGD's mark of a momentum that the next
+        step seeds from the gradient (b ← g), so torch resumes as fusedopt does, whatever the dampening."""
+        saved = super().state_dict()
+        saved["state"] = {i: {**s, "momentum_buffer": None} if s.get("momentum_buffer") is not None
+                          and "step" in s and float(s["step"]) == 0 else s for i, s in saved["state"].items()}
+        return saved
+
     def _options(self, group):
         return dict(momentum=float(group["momentum"]), dampening=float(group["dampening"]),
                     nesterov=bool(group["nesterov"]), ema_momentum=bool(group["ema_momentum"]))
