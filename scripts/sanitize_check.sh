@@ -2,8 +2,9 @@
 # Sanitizer check (issue 7), run by `make test`: builds the CPU extension with ASan + UBSan (Note [Sanitizer
 # build] in setup.py) in a copy of the tree (the build in the repo is untouched) and runs the op-level
 # tests against it: tests/test_bad_input.py with its fuzz worker (a subprocess: the environment below reaches
-# it), and the tests of tests/test_kernels.py, test_dropout.py and test_gridemu.py that call every op. Any ASan
-# report or UB aborts the process, so the tests fail. Python leaks by design: leak detection is off.
+# it), and the tests of tests/test_kernels.py, test_dropout.py, test_gridemu.py and test_shards.py that call
+# every op. Any ASan report or UB aborts the process, so the tests fail. Python leaks by design: leak
+# detection is off.
 #
 #   bash scripts/sanitize_check.sh [PYTHON]
 #
@@ -90,13 +91,14 @@ assert BUILD['sanitize'] and BUILD['cpu_isas'] == '$FUSEDOPT_CPU_ISAS'.split(','
 "
 
 # Every op (optimizer steps, stream_, dropout, keep bits, philox, the grid emulators) on every dtype, with
-# masking, AMP tensors, non-finite values, multi-chunk and many-tensor lists, and the fuzz.
+# masking, AMP tensors, non-finite values, multi-chunk and many-tensor lists, shards, and the fuzz.
 start=$SECONDS
 "$PY" -m pytest -q -p no:cacheprovider \
   tests/test_bad_input.py \
   tests/test_kernels.py \
   tests/test_dropout.py \
-  tests/test_gridemu.py || {
+  tests/test_gridemu.py \
+  tests/test_shards.py || {
   for f in "$LOGS"/*; do [ -e "$f" ] && { echo "== $f"; head -60 "$f"; }; done
   echo "sanitize_check: FAILED (the sanitizer reports, if any, are above)"
   exit 1
