@@ -1,6 +1,6 @@
-"""fusedopt under torch.distributed on the CPU: DDP, ZeroRedundancyOptimizer and FSDP2 (fully_shard), each
-run by 2 processes over gloo that the test starts, and checked in the test's own process against
-single-process training.
+"""fusedopt under torch.distributed on the CPU: DDP, ZeroRedundancyOptimizer and FSDP2 (fully_shard, also
+with gradient masking and through torch.distributed.checkpoint), each run by 2 processes over gloo that the
+test starts, and checked in the test's own process against single-process training.
 
 Note [Distributed references]
 Both ranks train on one batch of 8 rows, rank r on rows 4r..4r+3. DDP, and FSDP2's reduce-scatter, average
@@ -119,15 +119,21 @@ def _zero(rank, _):
                 local_type=type(opt.optim).__name__, state_dict=opt.state_dict() if rank == 0 else None)
 
 
-def _fsdp(rank, _):
-    from torch.distributed.device_mesh import init_device_mesh
+def _sharded(mesh):
+    """_model() under FSDP2: each Linear, then the whole, fully_shard-ed over the mesh."""
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor
-    mesh = init_device_mesh("cpu", (WORLD,))
     model = _model()
     for layer in (model[0], model[2]):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    return model
+
+
+def _fsdp(rank, _):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = _sharded(mesh)
     cls, options = OPTIMIZERS["adam"]
     opt = cls(model.parameters(), **options)
     for steps in (STEPS, RESUMED):
@@ -161,6 +167,42 @@ def _fsdp(rank, _):
         refused = str(e)
     return dict(params=params, masked=[p.full_tensor() for p in model.parameters()],
                 shards=[tuple(p.to_local().shape) for p in model.parameters()], state=state, refused=refused)
+
+
+def _fsdp_checkpoint(rank, path):
+    """FSDP2's checkpoint path: torch.distributed.checkpoint saves the model and the optimizer state (as
+    get_*_state_dict give them) after STEPS steps; a fresh sharded model and optimizer load it (set_*_state_dict)
+    and take RESUMED steps, as the uninterrupted run does."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (WORLD,))
+    cls, options = OPTIMIZERS["adam"]
+
+    def train(model, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            _loss(model, _half(rank)).backward()
+            opt.step()
+        opt.zero_grad()
+
+    model = _sharded(mesh)
+    opt = cls(model.parameters(), **options)
+    train(model, opt, STEPS)
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=path)
+    train(model, opt, RESUMED)
+    resumed = _sharded(mesh)  # a fresh start: its optimizer's state is made by a zero-lr step, then replaced
+    resumed_opt = cls(resumed.parameters(), **options)
+    saved = {"model": get_model_state_dict(resumed), "optim": get_optimizer_state_dict(resumed, resumed_opt)}
+    dcp.load(saved, checkpoint_id=path)
+    set_model_state_dict(resumed, saved["model"])
+    set_optimizer_state_dict(resumed, resumed_opt, saved["optim"])
+    steps = [s["step"].item() for s in resumed_opt.state.values()]
+    train(resumed, resumed_opt, RESUMED)
+    return dict(params=[p.full_tensor() for p in model.parameters()], steps=steps,
+                resumed=[p.full_tensor() for p in resumed.parameters()])
 
 
 def _worker(rank, port, out, run, arg):
@@ -277,3 +319,14 @@ def test_fsdp2_fully_shard(tmp_path, monkeypatch):
     full = _model()
     _train(full, cls(full.parameters(), **options), STEPS + RESUMED)
     torch.testing.assert_close(ranks[0]["params"], _params(full), **TOL)
+
+
+def test_fsdp2_distributed_checkpoint(tmp_path, monkeypatch):
+    ranks = _spawn(_fsdp_checkpoint, str(tmp_path / "checkpoint"), tmp_path, monkeypatch)
+    model = _single()
+    cls, options = OPTIMIZERS["adam"]
+    _replay(model, cls(model.parameters(), **options), STEPS + RESUMED)
+    for result in ranks:
+        assert result["steps"] == [STEPS] * 4
+        assert all(torch.equal(p, q) for p, q in zip(result["resumed"], result["params"]))
+        assert all(torch.equal(p, q) for p, q in zip(result["params"], model.parameters()))
