@@ -14,6 +14,7 @@ tolerance, tests/test_optim.py; measured: at most 6e-8 apart after 6 steps), whi
 """
 import datetime
 import os
+import warnings
 import socket
 import sys
 
@@ -94,12 +95,16 @@ def _ddp(rank, name):
     from torch.nn.parallel import DistributedDataParallel
     cls, options = OPTIMIZERS[name]
     model = DistributedDataParallel(_model())
-    opt = cls(model.parameters(), **options)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        opt = cls(model.parameters(), **options)
+        cls(model.parameters(), **{**options, "grad_keep_prob": 0.5, "grad_mask_seed": None})
     for _ in range(STEPS):
         opt.zero_grad()
         _loss(model, _half(rank)).backward()
         opt.step()
-    return dict(params=_params(model.module), state=opt.state_dict()["state"])
+    return dict(params=_params(model.module), state=opt.state_dict()["state"],
+                warnings=[str(w.message) for w in seen])
 
 
 def _zero(rank, _):
@@ -250,6 +255,8 @@ def test_ddp(name, tmp_path, monkeypatch):
         for i, p in enumerate(model.parameters()):
             for key, value in opt.state[p].items():
                 assert torch.equal(result["state"][i][key], value), key
+        # A masking optimizer whose grad_mask_seed each rank drew itself warns; the one given a seed does not.
+        assert len(result["warnings"]) == 1 and "pass the same grad_mask_seed" in result["warnings"][0]
     full = _model()
     _train(full, cls(full.parameters(), **options), STEPS)
     torch.testing.assert_close(ranks[0]["params"], _params(full), **TOL)

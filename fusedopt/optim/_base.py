@@ -22,6 +22,7 @@ import itertools
 import math
 import operator
 import sys
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -69,6 +70,11 @@ class FusedOptimizer(Optimizer):
             random = grad_keep_prob < 1 or bf16_stochastic_rounding
             grad_mask_seed = (int(torch.randint(0, 2**63 - 1, ()).item()) if random
                               else torch.initial_seed() % 2**63)
+            if random and _ranks() > 1:
+                warnings.warn(f"{name}: grad_mask_seed was drawn from this rank's torch generator. Where every "
+                              "rank steps every parameter (DDP), ranks whose generators differ draw different "
+                              "masks and rounding bits, and the replicas drift apart: pass the same "
+                              "grad_mask_seed on every rank", stacklevel=3)
         elif not (isinstance(grad_mask_seed, int) and 0 <= grad_mask_seed < 2**64):
             raise ValueError(f"Invalid grad_mask_seed value: {grad_mask_seed} (must be an int in [0, 2^64))")
         defaults.update(l1_decay=l1_decay, decoupled_weight_decay=decoupled_weight_decay,
@@ -409,6 +415,12 @@ def _local(t):
         return t
     dtensor = sys.modules.get("torch.distributed.tensor")
     return t.to_local() if dtensor is not None and isinstance(t, dtensor.DTensor) else t
+
+
+def _ranks():
+    """The world size of torch.distributed's default group, 1 when it is not initialized."""
+    dist = sys.modules.get("torch.distributed")
+    return dist.get_world_size() if dist is not None and dist.is_available() and dist.is_initialized() else 1
 
 
 def _shard_offset(p, masked, opt):
