@@ -4,7 +4,7 @@ tests/test_bad_input.py in a subprocess so that a crash fails that test instead 
     python tests/_fuzz_worker.py --examples 200 --isas DEFAULT,AVX2,AVX512 [--seed N] [--last-call FILE]
 
 Each example builds a call from random list lengths, shapes, dtypes, layouts (contiguous, transposed,
-strided, expanded, offset, sparse), aliasing, steps, indices, AMP tensors, ISA and scalars (NaN, ±inf,
+strided, expanded, offset, sparse), aliasing, steps, indices, shard offsets, AMP tensors, ISA and scalars (NaN, ±inf,
 negative, huge), makes an optimizer call through torch.ops or as fusedopt.ops makes it (directly from C++,
 Note [Direct calls] in csrc/module.cpp), and accepts exactly two outcomes:
 - RuntimeError / ValueError / TypeError, with every tensor passed keeping its bits;
@@ -184,6 +184,9 @@ def optimizer_call(draw, isas):
     states = [tensor_list(draw, odd, numels, state_dtype, pool, used) for used in used_lists(opt, kw)]
     steps = [step_tensor(draw, odd, pool) for _ in range(n + 1 if odd() else n)]
     indices = [draw(ints) if odd() else j for j in range(n + 1 if odd() else n)]
+    if draw(st.booleans()):  # where each tensor starts in its whole parameter (Note [Shard offsets])
+        kw["shard_offsets"] = [draw(ints) if odd() else draw(st.integers(0, 2**40))
+                               for _ in range(n + 1 if odd() else n)]
     kw["grad_scale"], kw["found_inf"] = amp_tensor(draw, odd), amp_tensor(draw, odd)
     isa = draw(st.sampled_from(["", "bogus", "avx2"])) if odd() else draw(st.sampled_from(isas))
     op = opt + "_"
@@ -220,7 +223,7 @@ def dropout_call(draw, isas):
     rows, h = draw(st.sampled_from([0, 1, 3, 17])), draw(st.sampled_from([0, 1, 5, 64, 67]))
     pool = []
     x = tensor(draw, odd, rows * h, dtype, pool)
-    if x.layout == torch.strided and x.dim() == 1 and x.is_contiguous() and not odd():
+    if x.layout == torch.strided and x.dim() == 1 and x.is_contiguous() and x.numel() == rows * h and not odd():
         x = x.view(rows, h)
     args = [x]
     if op == "bias_dropout_add":
