@@ -31,6 +31,8 @@ COMMON = [
     dict(weight_decay=0.1, l1_decay=0.01),
     dict(weight_decay=0.1, l1_decay=0.01, decoupled_weight_decay=True, maximize=True),
     dict(grad_keep_prob=0.7, grad_mask_seed=1234),
+    # shards of larger parameters (Note [Shard offsets]); one per shape of _lists
+    dict(grad_keep_prob=0.7, grad_mask_seed=1234, shard_offsets=[0, 13, 2**33 + 1]),
 ]
 
 # (op, used state lists out of the op's state lists, rule options)
