@@ -161,15 +161,19 @@ def _fsdp(rank, _):
         masked.zero_grad()
         _loss(model, _half(rank)).backward()
         masked.step()
-    # A tensor-parallel Shard(1) shard is not one run of the parameter's elements: masking it is refused.
+    # A tensor-parallel Shard(1) shard is not one run of the parameter's elements: masking it is refused,
+    # before the group listed first is stepped.
     from torch.distributed.tensor import Shard, distribute_tensor
     columns = nn.Parameter(distribute_tensor(torch.ones(4, 6), mesh, [Shard(1)]))
     columns.grad = distribute_tensor(torch.ones(4, 6), mesh, [Shard(1)])
+    plain = nn.Parameter(torch.ones(3))
+    plain.grad = torch.ones(3)
     try:
-        fusedopt.Adam([columns], **MASKED).step()
+        fusedopt.Adam([{"params": [plain]}, {"params": [columns]}], **MASKED).step()
         refused = None
     except NotImplementedError as e:
         refused = str(e)
+    assert torch.equal(plain, torch.ones(3)) and torch.equal(columns.to_local(), torch.ones(4, 3))
     return dict(params=params, masked=[p.full_tensor() for p in model.parameters()],
                 shards=[tuple(p.to_local().shape) for p in model.parameters()], state=state, refused=refused)
 

@@ -192,6 +192,9 @@ class FusedOptimizer(Optimizer):
         if not compiling and self.__dict__.pop("_state_read", False):
             for gi in [gi for gi, plan in plans.items() if not self._holds_state(plan)]:
                 del plans[gi]
+        # Every group's plan, and the shard offsets of its DTensor members, before any op runs: what cannot be
+        # stepped raises with nothing changed.
+        groups = []
         first = 0  # state_dict number of the group's first parameter
         for gi, group in enumerate(self.param_groups):
             params = group["params"]
@@ -204,12 +207,18 @@ class FusedOptimizer(Optimizer):
             plan = plans.get(gi)
             if plan is None or plan[0] != key or not all(map(operator.is_, plan[2], params)):
                 plan = plans[gi] = (key, self._plan(group, spec, grads, first), list(params))
+            masked = group["grad_keep_prob"] < 1
+            offsets = [None if lists is not None else [_shard_offset(params[i], masked, self) for i in members]
+                       for _, _, members, lists in plan[1]]  # Note [Shard offsets] in csrc/include/fusedopt/philox.h
+            groups.append((group, grads, spec, first, plan[1], offsets))
+            first += len(params)
+        for group, grads, spec, first, buckets, bucket_offsets in groups:
+            params = group["params"]
             lr = group["lr"]  # a tensor goes to the op as it is (Note [Tensor lr] in csrc/include/fusedopt/calls.h)
             options = dict(lr=lr if torch.is_tensor(lr) else float(lr), **self._options(group), **_common(group))
             rounding = group["bf16_stochastic_rounding"]
-            for device, dtype, members, lists in plan[1]:
+            for (device, dtype, members, lists), offsets in zip(buckets, bucket_offsets):
                 copies = []  # (tensor, the contiguous copy handed to the op)
-                offsets = None  # Note [Shard offsets] in csrc/include/fusedopt/philox.h
                 # A gradient is written only when unscaled; an expanded one cannot be written back.
                 grad_copies = copies if grad_scale is not None else []
                 if lists is None:  # complex or non-contiguous members: operands anew each step
@@ -217,8 +226,6 @@ class FusedOptimizer(Optimizer):
                              for k, t in enumerate(self._operands(params[i], grads[i], group, spec))]
                             for i in members]
                     op_lists = _columns(rows) + [[i + first for i in members]]
-                    masked = group["grad_keep_prob"] < 1
-                    offsets = [_shard_offset(params[i], masked, self) for i in members]
                 else:  # real members (so real gradients: torch checks a .grad's dtype); copy only if strided
                     members_grads = grads if len(members) == len(grads) else [grads[i] for i in members]
                     contiguous = (all(map(torch.Tensor.is_contiguous, members_grads)) if compiling
@@ -233,7 +240,6 @@ class FusedOptimizer(Optimizer):
                          shard_offsets=offsets, grad_scale=amp[device][0], found_inf=amp[device][1])
                 for t, c in copies:
                     t.copy_(c)
-            first += len(params)
         return loss
 
     def _operands(self, p, g, group, spec):
@@ -298,9 +304,9 @@ class FusedOptimizer(Optimizer):
 # anything is changed: known keys only; every buffer the group uses, and 'step' (torch's SGD keeps
 # none: _step_required False), present; buffers None (not made yet, as torch's SGD before 2.3 saved its
 # momentum with momentum 0, and fusedopt.SGD saves one no step has seeded) or tensors of the parameter's
-# shape, real floating point
-# for a real parameter (cast to its dtype, as torch does) and of its very dtype for a complex one
-# (torch does not cast those); the step a whole number >= 0, as a number or a one-element float tensor.
+# shape, real floating point for a real parameter (cast to its dtype, as torch does) and of its very dtype
+# for a complex one (torch does not cast those); the step a whole number >= 0, as a number or a one-element
+# float tensor.
 
 def _check_layout(opt, state_dict):
     """The containers and the group sizes of a state_dict loaded into opt."""
