@@ -21,9 +21,10 @@
 // Note [Kernel arguments]
 // CUDA 12.1+ passes up to 32764 bytes of kernel arguments on sm_70+ (4096
 // before). A larger table means fewer launches for many small tensors, which is
-// where launch overhead dominates (10,000 tensors: 23 launches of Adam instead
-// of 180 with a 4 KB table). kArgBytes leaves room for the options beside the
-// table; csrc/cuda/update.cuh checks sizeof(Args) and requires CUDA >= 12.1.
+// where launch overhead dominates (10,000 tensors: 25 launches of AMSGrad Adam,
+// 5 lists, instead of 200 with a 4 KB table; 23 before slots carried a shard
+// offset). kArgBytes leaves room for the options beside the table;
+// csrc/cuda/update.cuh checks sizeof(Args) and requires CUDA >= 12.1.
 //
 // Note [Steps on the device]
 // Every chunk reads its tensor's step, t = step + 1, and computes the rule's
