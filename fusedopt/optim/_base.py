@@ -117,7 +117,7 @@ class FusedOptimizer(Optimizer):
             _check_state(self, state_dict["state"], saved)
             # A buffer saved as None is one no step has made or seeded yet (torch.optim.SGD's momentum): the
             # next step makes it afresh, as torch's would.
-            state = {i: {k: v for k, v in entries.items() if v is not None or k == "step"}
+            state = {i: {k: v for k, v in entries.items() if v is not None}  # a None step failed the check
                      for i, entries in state_dict["state"].items()}
             loaded.append({**state_dict, "state": state, "param_groups": saved})
             return loaded[0]
@@ -192,8 +192,7 @@ class FusedOptimizer(Optimizer):
         if not compiling and self.__dict__.pop("_state_read", False):
             for gi in [gi for gi, plan in plans.items() if not self._holds_state(plan)]:
                 del plans[gi]
-        # Every group's plan, and the shard offsets of its DTensor members, before any op runs: what cannot be
-        # stepped raises with nothing changed.
+        # Every group's plan before any op runs: what cannot be stepped raises with nothing changed.
         groups = []
         first = 0  # state_dict number of the group's first parameter
         for gi, group in enumerate(self.param_groups):
@@ -207,17 +206,18 @@ class FusedOptimizer(Optimizer):
             plan = plans.get(gi)
             if plan is None or plan[0] != key or not all(map(operator.is_, plan[2], params)):
                 plan = plans[gi] = (key, self._plan(group, spec, grads, first), list(params))
-            masked = group["grad_keep_prob"] < 1
-            offsets = [None if lists is not None else [_shard_offset(params[i], masked, self) for i in members]
-                       for _, _, members, lists in plan[1]]  # Note [Shard offsets] in csrc/include/fusedopt/philox.h
-            groups.append((group, grads, spec, first, plan[1], offsets))
+            if group["grad_keep_prob"] < 1:
+                for *_, unmaskable in plan[1]:
+                    if unmaskable:
+                        raise _unmaskable(self, params[unmaskable[0]])
+            groups.append((group, grads, spec, first, plan[1]))
             first += len(params)
-        for group, grads, spec, first, buckets, bucket_offsets in groups:
+        for group, grads, spec, first, buckets in groups:
             params = group["params"]
             lr = group["lr"]  # a tensor goes to the op as it is (Note [Tensor lr] in csrc/include/fusedopt/calls.h)
             options = dict(lr=lr if torch.is_tensor(lr) else float(lr), **self._options(group), **_common(group))
             rounding = group["bf16_stochastic_rounding"]
-            for (device, dtype, members, lists), offsets in zip(buckets, bucket_offsets):
+            for device, dtype, members, lists, offsets, _ in buckets:
                 copies = []  # (tensor, the contiguous copy handed to the op)
                 # A gradient is written only when unscaled; an expanded one cannot be written back.
                 grad_copies = copies if grad_scale is not None else []
@@ -254,7 +254,9 @@ class FusedOptimizer(Optimizer):
         gradient, the buffers in use or the state (load_state_dict) change, so step() keeps, per group, the op's lists
         for each (device, dtype) bucket and rebuilds them only then; a step then costs a list of gradients
         per bucket. Complex, non-contiguous or DTensor members go to buckets that convert their operands anew each
-        step. Returns [(device, dtype, members, lists or None)], lists = [params, *buffers, steps, indices].
+        step. Returns [(device, dtype, members, lists or None, offsets, unmaskable)], lists = [params, *buffers,
+        steps, indices]; offsets (None for plain members) are the members' shard offsets (Note [Shard offsets] in
+        csrc/include/fusedopt/philox.h), unmaskable the members whose shard is not one run of their parameter.
         Users change the state behind the plans as torch lets them (`opt.state = defaultdict(dict)`,
         `opt.state.clear()`, `del opt.state[p]`, `opt.state[p]["exp_avg"] = ...`): assigning opt.state drops
         the plans, and reading it (the `state` property) makes the next step check that the tensors they hold
@@ -275,19 +277,23 @@ class FusedOptimizer(Optimizer):
             buckets.setdefault((p.device, dtype, plain), []).append(i)
         plan = []
         for (device, dtype, plain), members in buckets.items():
-            lists = None
+            lists, offsets, unmaskable = None, None, []
             if plain:
                 rows = [self._operands(group["params"][i], None, group, spec) for i in members]
                 columns = _columns(rows)
                 lists = columns[:1] + columns[2:] + [[i + first for i in members]]
-            plan.append((device, dtype, members, lists))
+            else:
+                runs = [_shard_offset(group["params"][i]) for i in members]
+                offsets = [0 if offset is None else offset for offset in runs]
+                unmaskable = [i for i, offset in zip(members, runs) if offset is None]
+            plan.append((device, dtype, members, lists, offsets, unmaskable))
         return plan
 
     def _holds_state(self, plan):
         """Whether the state tensors a group's plan holds are still those of self.state (Note [Step plans])."""
         (_, spec, *_), buckets, _ = plan
         state, keys = self.__dict__["state"], [k for k, _ in spec] + ["step"]
-        for _, _, _, lists in buckets:
+        for _, _, _, lists, *_ in buckets:
             if lists is not None:
                 entries = list(map(state.get, lists[0], itertools.repeat({})))
                 for key, column in zip(keys, lists[1:-1]):
@@ -429,12 +435,12 @@ def _ranks():
     return dist.get_world_size() if dist is not None and dist.is_available() and dist.is_initialized() else 1
 
 
-def _shard_offset(p, masked, opt):
+def _shard_offset(p):
     """The index, in p's whole parameter (as real numbers), of the first element of p's local shard: 0 for a
-    plain tensor. Its gradient mask and rounding bits are then those of unsharded training (Note [Shard offsets]
-    in csrc/include/fusedopt/philox.h). That needs the shard to be one run of the parameter's row-major elements,
-    as FSDP2's dim-0 shards are; other layouts (a tensor-parallel Shard(1), a _StridedShard) cannot mask the
-    gradient (NotImplementedError) and draw their rounding bits as a tensor of their own."""
+    plain tensor; None where the shard is not one run of the parameter's row-major elements, as FSDP2's dim-0
+    shards are (a tensor-parallel Shard(1), a _StridedShard). A shard's gradient mask and rounding bits are
+    then those of unsharded training (Note [Shard offsets] in csrc/include/fusedopt/philox.h); one that is not a
+    run cannot mask its gradient (_unmaskable) and draws its rounding bits as a tensor of its own."""
     if _local(p) is p:
         return 0
     from torch.distributed.tensor import Replicate, Shard
@@ -443,18 +449,21 @@ def _shard_offset(p, masked, opt):
     run = all(type(placement) in (Shard, Replicate) for placement in p.placements) and all(
         size == whole or math.prod(shape[:d]) == 1 for d, (size, whole) in enumerate(zip(shape, p.shape)))
     if not run:
-        if masked:
-            raise NotImplementedError(
-                f"{type(opt).__name__}: grad_keep_prob < 1 needs each shard of a DTensor parameter to be one run of "
-                f"its row-major elements (FSDP2's dim-0 shards are), got placements {tuple(p.placements)} with a "
-                f"local shard of shape {tuple(shape)} of {tuple(p.shape)}")
-        return 0
+        return None
     stride = 2 if p.is_complex() else 1  # view_as_real: two numbers per element
     offset = 0
     for d in reversed(range(p.dim())):
         offset += start[d] * stride
         stride *= p.shape[d]
     return offset
+
+
+def _unmaskable(opt, p):
+    """The error for masking the gradient of a DTensor parameter whose shard is not one run of its elements."""
+    return NotImplementedError(
+        f"{type(opt).__name__}: grad_keep_prob < 1 needs each shard of a DTensor parameter to be one run of its "
+        f"row-major elements (FSDP2's dim-0 shards are), got placements {tuple(p.placements)} with a local shard "
+        f"of shape {tuple(p.to_local().shape)} of {tuple(p.shape)}")
 
 
 def _state_dtype(p, group):
