@@ -448,6 +448,51 @@ def test_inplace_is_the_out_of_place_result(isa, dtype, n, use_isa):
     assert_bitwise(x, want)
 
 
+# Dense layouts that are not contiguous, walked through their strides (Note [Strided dropout]): rows (the
+# stride-1 dimension last) and tiles (it is not), with 64-wide tiles cut short (3, 70, 130 channels), runs of r
+# longer than a task's (1500, 2000, 2145), size-1 dimensions, and dimensions that merge.
+STRIDED = {
+    "channels_last_3ch": lambda d: rand((2, 3, 4, 5), d).to(memory_format=torch.channels_last),
+    "channels_last_70ch": lambda d: rand((3, 70, 9, 13), d).to(memory_format=torch.channels_last),
+    "channels_last_130ch": lambda d: rand((2, 130, 33, 65), d).to(memory_format=torch.channels_last),
+    "channels_last_3d": lambda d: rand((2, 5, 3, 4, 7), d).to(memory_format=torch.channels_last_3d),
+    "t_999": lambda d: rand((999, 77), d).t(),
+    "t_1500": lambda d: rand((1500, 130), d).t(),
+    "t_unsqueezed": lambda d: rand((4, 5), d).t()[None],
+    "heads": lambda d: rand((4, 37, 5, 67), d).transpose(1, 2),
+    "heads_merged": lambda d: rand((6, 4, 8, 80), d).permute(1, 0, 2, 3),
+    "permuted": lambda d: rand((3, 5, 7, 9), d).permute(2, 0, 3, 1),
+    "size_one_dims": lambda d: rand((1, 7, 1, 3), d).permute(3, 2, 1, 0),
+    "narrow_tiles": lambda d: rand((2, 2000, 3), d).transpose(1, 2),
+}
+
+
+@pytest.mark.parametrize("isa", SUPPORTED_ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", list(STRIDED))
+def test_strided_input_is_the_reference_mask(isa, dtype, layout, use_isa):
+    use_isa(isa)
+    x = STRIDED[layout](dtype)
+    assert not x.is_contiguous() and torch.empty_like(x).stride() == x.stride()  # dense
+    for p in [0.0, 0.3, 1.0]:
+        want, _ = expected_dropout(x.contiguous(), p, SEED, OFFSETS[1])
+        for y in [OPS.dropout(x, p, draw(SEED, OFFSETS[1])), OPS.dropout_backward(x, p, draw(SEED, OFFSETS[1]))]:
+            assert y.stride() == x.stride()
+            assert_bitwise(y.contiguous(), want, f"p={p}")
+        z = x.clone()
+        OPS.dropout_(z, p, draw(SEED, OFFSETS[1]))
+        assert z.stride() == x.stride()
+        assert_bitwise(z.contiguous(), want, f"in place p={p}")
+
+
+def test_strided_input_does_not_depend_on_the_thread_count():
+    x = STRIDED["channels_last_130ch"](torch.float32)
+    torch.set_num_threads(1)
+    one = OPS.dropout(x, 0.5, draw())
+    torch.set_num_threads(2)
+    assert torch.equal(OPS.dropout(x, 0.5, draw()), one)
+
+
 def test_inplace_non_contiguous_input_follows_the_logical_index():
     base = torch.randn(64, 48)
     x = base.t()  # written through its strides

@@ -32,6 +32,7 @@ void reduce_dbias(const DropoutCall& c, void* dbias) {
 // The CPU kernels of kernels/dropout.cpp, for the ISA in use.
 struct CpuRun {
   void dropout(const DropoutCall& c) const { FUSEDOPT_ISA_CALL(dropout, c); }
+  void dropout_strided(const DropoutCall& c) const { FUSEDOPT_ISA_CALL(dropout_strided, c); }
   void bias_dropout_add(const DropoutCall& c) const { FUSEDOPT_ISA_CALL(bias_dropout_add, c); }
   void bias_dropout_add_backward(const DropoutCall& c, void* dbias) const {
     FUSEDOPT_ISA_CALL(bias_dropout_add_backward, c);

@@ -6,6 +6,7 @@
 
 #include <array>
 #include <cstring>
+#include <vector>
 
 #include "../loop.h"
 #include "../philox_vec.h"
@@ -162,6 +163,25 @@ void bf16_lanes(const std::array<const at::BFloat16*, K>& in, at::BFloat16* y, u
 }
 #endif
 
+// y[k] = dropout(x[k]) for k < count ≤ 64, kept iff bit k of bits: two
+// op-math vectors a step (Note [Half pairs]), then element by element.
+// Streamed (kStream), x and y start a 64-byte aligned group.
+template <bool kStream, typename scalar_t, typename S>
+void dropout_run(const scalar_t* x, scalar_t* y, int64_t count, uint64_t bits, S scale) {
+  using Io = VecIo<scalar_t>;
+  using V = typename Io::V;
+  constexpr int W = Io::W;
+  const int m = static_cast<int>(std::min<int64_t>(count, 64));  // = count: the bound shows every shift defined
+  int k = 0;
+  for (; k + 2 * W <= m; k += 2 * W) {
+    V lo, hi;
+    Io::load2(x + k, lo, hi);
+    store2<kStream>(y + k, math::dropout(lo, keep_select<S>(bits >> k, scale)),
+                    math::dropout(hi, keep_select<S>(bits >> (k + W), scale)));
+  }
+  for (; k < m; ++k) y[k] = static_cast<scalar_t>(math::dropout(static_cast<S>(x[k]), (bits >> k & 1) ? scale : S(0)));
+}
+
 // Note [Group bodies]
 // The bodies below take what they use by value, and each task runs its own
 // copy of them: captured by reference, or read through the one closure all
@@ -178,7 +198,6 @@ void dropout_typed(const DropoutCall& c) {
   using Io = VecIo<scalar_t>;
   using V = typename Io::V;
   using S = typename Io::S;
-  constexpr int W = Io::W;
   const S scale = static_cast<S>(c.scale);
   const auto* x = static_cast<const scalar_t*>(c.x);
   auto* y = static_cast<scalar_t*>(c.y);
@@ -186,24 +205,128 @@ void dropout_typed(const DropoutCall& c) {
   const std::array walks{Walk{x, sizeof(scalar_t)}};
   for_each_group<kStream>(c, walks, [x, y, n, scale](int64_t q, uint64_t bits) {
     const int64_t i0 = 64 * q;
-    if (i0 + 64 <= n) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      if (i0 + 64 <= n) {
         for (int k = 0; k < 64; k += kLaneStep)
           bf16_lanes<kStream>(std::array{x + i0 + k}, y + i0 + k, static_cast<uint32_t>(bits >> k), scale,
                               [](const V (&v)[1], const V& m) { return math::dropout(v[0], m); });
         return;
       }
+    }
 #endif
-      for (int k = 0; k < 64; k += 2 * W) {
-        V lo, hi;
-        Io::load2(x + i0 + k, lo, hi);
-        store2<kStream>(y + i0 + k, math::dropout(lo, keep_select<S>(bits >> k, scale)),
-                        math::dropout(hi, keep_select<S>(bits >> (k + W), scale)));
+    if (i0 + 64 <= n) dropout_run<kStream>(x + i0, y + i0, 64, bits, scale);  // a constant count: unrolled
+    else dropout_run<kStream>(x + i0, y + i0, n - i0, bits, scale);
+  });
+}
+
+// Note [Strided walk]
+// The CPU side of Note [Strided dropout]. Rows (the stride-1 dimension is
+// the last): a task takes whole rows in logical order, so a KeepCache draws
+// each batch of keep bits once. Tiles (it is not): a task takes 64 j of one
+// o and kTileRuns r; it draws each j's run of r (logical indices
+// (o·S + j)·P + r, consecutive) into `runs`, and for each 64 r transposes
+// the 64x64 bits, so that word r holds the bits of the 64 j at r, which are
+// contiguous in memory. Both store ordinarily (Note [Streaming stores] is
+// for a contiguous output). Each element's result is dropout_run's, a pure
+// function of its logical index, as in the contiguous kernel.
+constexpr int64_t kTileRuns = 1024;
+
+// Walks dimensions [first, last) of s in row-major order from index `start`,
+// keeping the memory offset of the current index.
+class Odometer {
+ public:
+  Odometer(const Strided& s, int first, int last, int64_t start)
+      : size_(s.sizes.data() + first), stride_(s.strides.data() + first), idx_(last - first) {
+    for (int d = last - first - 1; d >= 0; --d) {
+      idx_[d] = start % size_[d];
+      start /= size_[d];
+      offset += idx_[d] * stride_[d];
+    }
+  }
+  void next() {
+    for (int d = static_cast<int>(idx_.size()) - 1; d >= 0; --d) {
+      offset += stride_[d];
+      if (++idx_[d] < size_[d]) return;
+      offset -= stride_[d] * size_[d];
+      idx_[d] = 0;
+    }
+  }
+  int64_t offset = 0;
+
+ private:
+  const int64_t* size_;
+  const int64_t* stride_;
+  std::vector<int64_t> idx_;
+};
+
+// out[w] bit k = keep of element start + 64w + k, for 64w + k < len ≤
+// kTileRuns (bits past len: those of later elements, or 0).
+void run_bits(const Keeper& keeper, uint64_t start, int64_t len, uint64_t* out) {
+  uint64_t g[kTileRuns / 64 + 2 * kBatch] = {};
+  const uint64_t q0 = start >> 6;
+  const int s = static_cast<int>(start & 63);
+  for (int64_t b = 0; 64 * b < s + len; b += kBatch) keeper.batch(q0 + static_cast<uint64_t>(b), g + b);
+  for (int64_t w = 0; 64 * w < len; ++w) out[w] = s ? g[w] >> s | g[w + 1] << (64 - s) : g[w];
+}
+
+// Bit j of a[r] becomes bit r of a[j]: a 64x64 bit matrix transposed by
+// swapping ever smaller blocks across the diagonal.
+void transpose64(uint64_t (&a)[64]) {
+  uint64_t m = 0x00000000FFFFFFFFull;  // the columns of the blocks that stay
+  for (int j = 32; j != 0; j >>= 1, m ^= m << j)
+    for (int k = 0; k < 64; k = (k + j + 1) & ~j) {
+      const uint64_t t = ((a[k] >> j) ^ a[k + j]) & m;
+      a[k] ^= t << j;
+      a[k + j] ^= t;
+    }
+}
+
+template <typename scalar_t>
+void dropout_strided_typed(const DropoutCall& c) {
+  using S = typename VecIo<scalar_t>::S;
+  const Strided& s = *c.strided;
+  const S scale = static_cast<S>(c.scale);
+  const auto* x = static_cast<const scalar_t*>(c.x);
+  auto* y = static_cast<scalar_t*>(c.y);
+  const Draw d = draw_of(c);
+  const int dims = static_cast<int>(s.sizes.size()), u = s.unit;
+  if (u == dims - 1) {  // rows
+    const int64_t len = s.sizes.back();
+    at::parallel_for(0, c.n / len, std::max<int64_t>(1, kChunk / len), [&](int64_t lo, int64_t hi) {
+      KeepCache cache;
+      Odometer row(s, 0, dims - 1, lo);
+      for (int64_t r = lo; r < hi; ++r, row.next())
+        for (int64_t k = 0; k < len; k += 64) {
+          const int64_t count = std::min<int64_t>(64, len - k);
+          dropout_run<false>(x + row.offset + k, y + row.offset + k, count,
+                             cache.bits(d, static_cast<uint64_t>(r * len + k), static_cast<int>(count)), scale);
+        }
+    });
+    return;
+  }
+  const int64_t js = s.sizes[u];
+  int64_t runs = 1;
+  for (int k = u + 1; k < dims; ++k) runs *= s.sizes[k];
+  const int64_t j_blocks = (js + 63) / 64, r_blocks = (runs + kTileRuns - 1) / kTileRuns;
+  const int64_t tasks = c.n / (js * runs) * r_blocks * j_blocks;
+  at::parallel_for(0, tasks, 1, [&](int64_t lo, int64_t hi) {
+    const Keeper keeper(d);
+    uint64_t bits[64][kTileRuns / 64];
+    for (int64_t task = lo; task < hi; ++task) {  // (o, r block, j block), j block fastest
+      const int64_t o = task / (r_blocks * j_blocks);
+      const int64_t r0 = task / j_blocks % r_blocks * kTileRuns, j0 = task % j_blocks * 64;
+      const int64_t nj = std::min<int64_t>(64, js - j0), len = std::min(kTileRuns, runs - r0);
+      for (int64_t j = 0; j < nj; ++j) run_bits(keeper, static_cast<uint64_t>((o * js + j0 + j) * runs + r0), len, bits[j]);
+      const int64_t base = Odometer(s, 0, u, o).offset + j0;
+      Odometer r(s, u + 1, dims, r0);
+      for (int64_t w = 0; 64 * w < len; ++w) {
+        uint64_t at_r[64] = {};
+        for (int64_t j = 0; j < nj; ++j) at_r[j] = bits[j][w];
+        transpose64(at_r);
+        for (int64_t k = 0; k < std::min<int64_t>(64, len - 64 * w); ++k, r.next())
+          dropout_run<false>(x + base + r.offset, y + base + r.offset, nj, at_r[k], scale);
       }
-    } else {
-      for (int64_t i = i0; i < n; ++i)
-        y[i] = static_cast<scalar_t>(math::dropout(static_cast<S>(x[i]), (bits >> (i - i0) & 1) ? scale : S(0)));
     }
   });
 }
@@ -325,6 +448,10 @@ void dropout(const DropoutCall& c) {
   FUSEDOPT_DISPATCH_FLOATING(c.dtype, "dropout", [&] {
     FUSEDOPT_BOOL_SWITCH(streams(c.y, c.x, c.n, sizeof(scalar_t)), STREAM, [&] { dropout_typed<scalar_t, STREAM>(c); });
   });
+}
+
+void dropout_strided(const DropoutCall& c) {
+  FUSEDOPT_DISPATCH_FLOATING(c.dtype, "dropout", [&] { dropout_strided_typed<scalar_t>(c); });
 }
 
 void bias_dropout_add(const DropoutCall& c) {

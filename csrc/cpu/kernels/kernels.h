@@ -17,6 +17,7 @@
   void stream(float* a, const float* b, float s, int64_t n);                   \
   /* dropout (kernels/dropout.cpp, ops in dropout_ops.cpp) */                  \
   void dropout(const DropoutCall& c);                                          \
+  void dropout_strided(const DropoutCall& c);                                  \
   void bias_dropout_add(const DropoutCall& c);                                 \
   void bias_dropout_add_backward(const DropoutCall& c);                        \
   void keep_bits(const DropoutCall& c, uint8_t* out);                          \
