@@ -448,22 +448,23 @@ def test_inplace_is_the_out_of_place_result(isa, dtype, n, use_isa):
     assert_bitwise(x, want)
 
 
-# Dense layouts that are not contiguous, walked through their strides (Note [Strided dropout]): rows (the
-# stride-1 dimension last) and tiles (it is not), with 64-wide tiles cut short (3, 70, 130 channels), runs of r
-# longer than a task's (1500, 2000, 2145), size-1 dimensions, and dimensions that merge.
+# Dense layouts that are not contiguous, walked through their strides (Note [Strided dropout]; their stride-1
+# dimension is 64 bytes or more in every dtype): rows (the stride-1 dimension last) and tiles (it is not), with
+# 64-wide tiles cut short (33, 40, 70, 130), runs of r longer than a task's (1500, 2000, 2145), size-1 dimensions,
+# and dimensions that merge. Shorter stride-1 dimensions are copied (NON_CONTIGUOUS above).
 STRIDED = {
-    "channels_last_3ch": lambda d: rand((2, 3, 4, 5), d).to(memory_format=torch.channels_last),
+    "channels_last_40ch": lambda d: rand((2, 40, 4, 5), d).to(memory_format=torch.channels_last),
     "channels_last_70ch": lambda d: rand((3, 70, 9, 13), d).to(memory_format=torch.channels_last),
     "channels_last_130ch": lambda d: rand((2, 130, 33, 65), d).to(memory_format=torch.channels_last),
-    "channels_last_3d": lambda d: rand((2, 5, 3, 4, 7), d).to(memory_format=torch.channels_last_3d),
+    "channels_last_3d": lambda d: rand((2, 33, 3, 4, 7), d).to(memory_format=torch.channels_last_3d),
     "t_999": lambda d: rand((999, 77), d).t(),
     "t_1500": lambda d: rand((1500, 130), d).t(),
-    "t_unsqueezed": lambda d: rand((4, 5), d).t()[None],
+    "t_unsqueezed": lambda d: rand((40, 50), d).t()[None],
     "heads": lambda d: rand((4, 37, 5, 67), d).transpose(1, 2),
     "heads_merged": lambda d: rand((6, 4, 8, 80), d).permute(1, 0, 2, 3),
-    "permuted": lambda d: rand((3, 5, 7, 9), d).permute(2, 0, 3, 1),
-    "size_one_dims": lambda d: rand((1, 7, 1, 3), d).permute(3, 2, 1, 0),
-    "narrow_tiles": lambda d: rand((2, 2000, 3), d).transpose(1, 2),
+    "permuted": lambda d: rand((3, 5, 7, 40), d).permute(2, 0, 3, 1),
+    "size_one_dims": lambda d: rand((1, 7, 1, 33), d).permute(3, 2, 1, 0),
+    "narrow_tiles": lambda d: rand((2, 2000, 33), d).transpose(1, 2),
 }
 
 

@@ -324,8 +324,9 @@ inline at::vec::Vectorized<S> keep_select(uint64_t bits, S value) {
 }
 
 // Keep bits of an arbitrary run of elements, for a loop that walks a draw in
-// order but not a batch at a time (bias_dropout_add's backward, row by row). Two batches are cached,
-// so a run that straddles batches draws each once.
+// order but not a batch at a time (bias_dropout_add's backward, row by row;
+// Note [Strided walk]). Two batches are cached, so a run that straddles
+// batches draws each once.
 class KeepCache {
  public:
   // Bits of elements [i, i + n), bit k = element i + k; n ≤ 64, so the run
