@@ -225,6 +225,8 @@ def dropout_call(draw, isas):
     x = tensor(draw, odd, rows * h, dtype, pool)
     if x.layout == torch.strided and x.dim() == 1 and x.is_contiguous() and x.numel() == rows * h and not odd():
         x = x.view(rows, h)
+        if op in ("dropout", "dropout_", "dropout_backward") and draw(st.booleans()):
+            x = x.t()  # dense, not contiguous: walked through its strides (Note [Strided dropout])
     args = [x]
     if op == "bias_dropout_add":
         args.append(tensor(draw, odd, h, dtype, pool))
@@ -260,6 +262,10 @@ def run_dropout(op, args, isa, last_call):
     x = args[0]
     for j, (t, b) in enumerate(zip(tensors, before)):
         assert (op == "dropout_" and j == 0) or torch.equal(bits(t), b), f"{op} modified its argument {j}"
+    if op in ("dropout", "dropout_", "dropout_backward"):  # any layout: the values of a contiguous input
+        x0 = before[0].view(x.dtype).view(x.shape)  # x's values in logical order, contiguous
+        got = x if op == "dropout_" else out
+        assert torch.equal(bits(got), bits(OPS.dropout(x0, *args[1:]))), f"{op} differs from a contiguous input"
     if op == "dropout_keep_bits":
         assert out.shape == ((x.numel() + 7) // 8,) and out.dtype == torch.uint8
     elif op == "bias_dropout_add_backward":

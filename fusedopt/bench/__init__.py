@@ -394,6 +394,13 @@ def masked_ratios(rows):
             r["masked_over_unmasked"] = r["median_ms"] / plain[r["layout"]]
 
 
+# (label, shape, dtype, memory format); a convolution's activations in channels_last are dense but not
+# contiguous (Note [Strided dropout]).
+DROPOUT_CASES = [("16M fp32", (16 * 2**20,), torch.float32, torch.contiguous_format),
+                 ("8x1024x4096 bf16", (8, 1024, 4096), torch.bfloat16, torch.contiguous_format),
+                 ("16x64x128x128 fp32 channels_last", (16, 64, 128, 128), torch.float32, torch.channels_last)]
+
+
 def bench_dropout(args, device, timer, yard, progress):
     """fusedopt's dropout against torch.nn.functional.dropout: forward, in-place forward and forward+backward,
     and bias_dropout_add against torch's residual + dropout(x + bias), interleaved, with the yardsticks timed
@@ -402,14 +409,10 @@ def bench_dropout(args, device, timer, yard, progress):
     from fusedopt.nn import functional as F
 
     rows = []
-    cases = [("16M fp32", (16 * 2**20,), torch.float32), ("8x1024x4096 bf16", (8, 1024, 4096), torch.bfloat16)]
-    for label, shape, dtype in cases:
-        x = torch.randn(shape, device=device).to(dtype).requires_grad_()
-        dy = torch.randn(shape, device=device).to(dtype)
-        # bias_dropout_add on rows of 4096 (a transformer's hidden size), both cases
-        rows2d, res2d = x.detach().view(-1, 4096), dy.view(-1, 4096)
-        bias = torch.randn(4096, device=device).to(dtype)
-        work = [x.detach().clone(), x.detach().clone()]  # in-place targets, one each
+    for label, shape, dtype, layout in DROPOUT_CASES:
+        x = torch.randn(shape, device=device).to(dtype, memory_format=layout).requires_grad_()
+        dy = torch.randn(shape, device=device).to(dtype, memory_format=layout)
+        work = [x.detach().clone(), x.detach().clone()]  # in-place targets, one each (clone keeps the layout)
         impls = {
             "fusedopt fwd": lambda: F.dropout(x.detach(), 0.1, True),
             "torch fwd": lambda: torch.nn.functional.dropout(x.detach(), 0.1, True),
@@ -418,9 +421,12 @@ def bench_dropout(args, device, timer, yard, progress):
             # autograd.grad, not backward(): accumulating into x.grad would add a pass of torch's own
             "fusedopt fwd+bwd": lambda: torch.autograd.grad(F.dropout(x, 0.1, True), x, dy),
             "torch fwd+bwd": lambda: torch.autograd.grad(torch.nn.functional.dropout(x, 0.1, True), x, dy),
-            "fusedopt bias_dropout_add": lambda: F.bias_dropout_add(rows2d, bias, res2d, 0.1, True),
-            "torch bias_dropout_add": lambda: res2d + torch.nn.functional.dropout(rows2d + bias, 0.1, True),
         }
+        if layout == torch.contiguous_format:  # bias_dropout_add on rows of 4096 (a transformer's hidden size)
+            rows2d, res2d = x.detach().view(-1, 4096), dy.view(-1, 4096)
+            bias = torch.randn(4096, device=device).to(dtype)
+            impls["fusedopt bias_dropout_add"] = lambda: F.bias_dropout_add(rows2d, bias, res2d, 0.1, True)
+            impls["torch bias_dropout_add"] = lambda: res2d + torch.nn.functional.dropout(rows2d + bias, 0.1, True)
         for f in impls.values():
             f()
         times = {k: [] for k in impls}
@@ -660,7 +666,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     layouts = [parse_layout(l) for l in args.layouts]
     timer = Timer(device)
-    steps = args.reps * (len(args.optimizers) * len(layouts) + (0 if args.no_dropout else 2))
+    steps = args.reps * (len(args.optimizers) * len(layouts) + (0 if args.no_dropout else len(DROPOUT_CASES)))
     progress = Progress(steps, enabled=not args.quiet)
     yard = Yardsticks(2**29 if device.type == "cuda" else 32 * 2**20, device, timer,
                       copy=args.copy or device.type == "cuda")
