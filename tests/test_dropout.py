@@ -462,6 +462,7 @@ STRIDED = {
     "t_unsqueezed": lambda d: rand((40, 50), d).t()[None],
     "heads": lambda d: rand((4, 37, 5, 67), d).transpose(1, 2),
     "heads_merged": lambda d: rand((6, 4, 8, 80), d).permute(1, 0, 2, 3),
+    "long_rows": lambda d: rand((3, 2, 40000), d).transpose(0, 1),  # rows cut into pieces (Note [Strided walk])
     "permuted": lambda d: rand((3, 5, 7, 40), d).permute(2, 0, 3, 1),
     "size_one_dims": lambda d: rand((1, 7, 1, 33), d).permute(3, 2, 1, 0),
     "narrow_tiles": lambda d: rand((2, 2000, 33), d).transpose(1, 2),
@@ -484,6 +485,21 @@ def test_strided_input_is_the_reference_mask(isa, dtype, layout, use_isa):
         OPS.dropout_(z, p, draw(SEED, OFFSETS[1]))
         assert z.stride() == x.stride()
         assert_bitwise(z.contiguous(), want, f"in place p={p}")
+
+
+@pytest.mark.parametrize("isa", SUPPORTED_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["channels_last", "heads"])
+def test_large_strided_outputs_stream_the_same_values(isa, dtype, layout, use_isa):
+    """16 MiB outputs whose memory runs fill whole lines are streamed (Note [Strided walk]): tiles and rows."""
+    use_isa(isa)
+    scale = 4 // dtype.itemsize  # elements for 16 MiB
+    x = (rand((4 * scale, 64, 128, 128), dtype).to(memory_format=torch.channels_last) if layout == "channels_last"
+         else rand((2 * scale, 2048, 8, 128), dtype).transpose(1, 2))
+    assert x.numel() * x.element_size() == 16 << 20
+    y = OPS.dropout(x, 0.3, draw(SEED, 5))
+    assert y.stride() == x.stride()
+    assert_bitwise(y.contiguous(), OPS.dropout(x.contiguous(), 0.3, draw(SEED, 5)))
 
 
 def test_strided_input_does_not_depend_on_the_thread_count():

@@ -314,15 +314,18 @@ void dropout_strided_typed(const DropoutCall& c) {
     if constexpr (kStream) _mm_sfence();  // streamed lines visible before the task ends
 #endif
   };
-  if (u == dims - 1) {  // rows
+  if (u == dims - 1) {  // rows, cut into pieces of at most about kChunk (a multiple of 64 elements)
     const int64_t len = s.sizes.back(), rows = c.n / len;
+    const int64_t pieces = (len + kChunk - 1) / kChunk, piece = ((len + pieces - 1) / pieces + 63) / 64 * 64;
     const int64_t bytes = len * static_cast<int64_t>(sizeof(scalar_t)), lead = lead_for(bytes);
-    at::parallel_for(0, rows, std::max<int64_t>(1, kChunk / len), [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, rows * pieces, std::max<int64_t>(1, kChunk / piece), [&](int64_t lo, int64_t hi) {
       KeepCache cache;
-      Odometer row(s, 0, dims - 1, lo), ahead(s, 0, dims - 1, lo + lead);
-      for (int64_t r = lo; r < hi; ++r, row.next(), ahead.next()) {
-        if (r + lead < hi) prefetch_run(x + ahead.offset, bytes);
-        for (int64_t k = 0; k < len; k += 64) {
+      Odometer row(s, 0, dims - 1, lo / pieces), ahead(s, 0, dims - 1, lo / pieces + lead);
+      for (int64_t t = lo; t < hi; ++t) {
+        const int64_t r = t / pieces, k0 = t % pieces * piece;
+        if (k0 == 0 && t > lo) row.next(), ahead.next();
+        if (k0 == 0 && r + lead < rows) prefetch_run(x + ahead.offset, bytes);
+        for (int64_t k = k0; k < std::min(len, k0 + piece); k += 64) {
           const int64_t count = std::min<int64_t>(64, len - k);
           dropout_run<kStream>(x + row.offset + k, y + row.offset + k, count,
                                cache.bits(d, static_cast<uint64_t>(r * len + k), static_cast<int>(count)), scale);
