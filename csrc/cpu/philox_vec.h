@@ -324,20 +324,28 @@ inline at::vec::Vectorized<S> keep_select(uint64_t bits, S value) {
 }
 
 // Keep bits of an arbitrary run of elements, for a loop that walks a draw in
-// order but not a batch at a time (bias_dropout_add's backward, row by row;
-// Note [Strided walk]). Two batches are cached, so a run that straddles
-// batches draws each once.
-class KeepCache {
+// order but not a batch at a time (Note [Strided walk]), drawn by a Keeper
+// the caller holds. Two batches are cached, consecutive ones in different
+// slots, so a run that straddles batches draws each once.
+class Batches {
  public:
   // Bits of elements [i, i + n), bit k = element i + k; n ≤ 64, so the run
   // touches two groups at most.
-  uint64_t bits(const Draw& d, uint64_t i, int n) {
+  uint64_t bits(const Keeper& k, uint64_t i, int n) {
     const uint64_t q = i >> 6;
     const int s = static_cast<int>(i & 63);
-    uint64_t b = group(d, q) >> s;
-    if (s + n > 64) b |= group(d, q + 1) << (64 - s);
+    uint64_t b = group(k, q) >> s;
+    if (s + n > 64) b |= group(k, q + 1) << (64 - s);
     return n == 64 ? b : b & ((uint64_t(1) << n) - 1);
   }
+  // The bits of group q, its batch drawn if it is not cached.
+  uint64_t group(const Keeper& k, uint64_t q) {
+    const uint64_t b = q / kBatch;
+    Slot& s = slot_[b & 1];
+    if (!s.valid || s.b != b) refill(k, s, b);
+    return s.bits[q - b * kBatch];
+  }
+  void clear() { slot_[0].valid = slot_[1].valid = false; }
 
  private:
   struct Slot {
@@ -345,23 +353,28 @@ class KeepCache {
     uint64_t b = 0;  // batch index: groups [b·kBatch, (b + 1)·kBatch)
     bool valid = false;
   };
-
-  uint64_t group(const Draw& d, uint64_t q) {
-    const uint64_t b = q / kBatch;
-    Slot& s = slot_[b & 1];
-    if (!s.valid || s.b != b) refill(d, s, b);
-    return s.bits[q - b * kBatch];
-  }
-  // Out of line: the row loop's hot path is the cache hit above.
-  __attribute__((noinline)) void refill(const Draw& d, Slot& s, uint64_t b) {
-    if (!keeper_) keeper_.emplace(d);
-    keeper_->batch(b * kBatch, s.bits);
+  // Out of line: the hot path is the cache hit above.
+  __attribute__((noinline)) void refill(const Keeper& k, Slot& s, uint64_t b) {
+    k.batch(b * kBatch, s.bits);
     s.b = b;
     s.valid = true;
   }
 
   Slot slot_[2];
-  std::optional<Keeper> keeper_;  // made on first use, for the draw of that call
+};
+
+// Batches with a Keeper of their own, made on first use, for the draw of
+// that call (bias_dropout_add's backward, row by row).
+class KeepCache {
+ public:
+  uint64_t bits(const Draw& d, uint64_t i, int n) {
+    if (!keeper_) keeper_.emplace(d);
+    return batches_.bits(*keeper_, i, n);
+  }
+
+ private:
+  Batches batches_;
+  std::optional<Keeper> keeper_;
 };
 
 }  // namespace CPU_CAPABILITY

@@ -224,13 +224,22 @@ void dropout_typed(const DropoutCall& c) {
 // The CPU side of Note [Strided dropout]. Rows (the stride-1 dimension is
 // the last): a task takes whole rows in logical order, so its KeepCache
 // draws each batch of keep bits once. Tiles (it is not): a task takes 64 j
-// of one o and kTileRuns r; it draws each j's run of r (logical indices
-// (o·S + j)·P + r, consecutive), and for each 64 r transposes the 64x64
-// bits, so that word r holds the bits of the 64 j at r, which lie side by
-// side in memory. Where P is short, the runs of neighbouring j are
-// neighbours in the logical order too, and the KeepCache draws them once.
-// Each element's result is dropout_run's, a pure function of its logical
-// index, as in the contiguous kernel.
+// of one o and up to kTileRuns r; each j's run of r has logical indices
+// (o·S + j)·P + r, consecutive. For each 64 r the task transposes the 64x64
+// keep bits, so that word r holds the bits of the 64 j at r, which lie side
+// by side in memory. A run shorter than kPipedRuns is drawn before the
+// memory is walked, by one Batches for all j: where P is short, the runs
+// of neighbouring j are neighbours in the logical order too, and share
+// batches. A longer run has Batches of its own, drawn while the memory is
+// walked: at each of the first 64 r of a word, the j of that index draws
+// what it needs 1 + j % kBatch words ahead, so the draws of the 64 j are
+// spread over the words instead of all falling on a batch's first. The
+// Philox rounds then run between loads and stores, not before all of them:
+// out of place, 16x64x128x128 channels_last 3.7-4.4 -> 3.4-3.6 ms,
+// 16x256x64x64 4.3-5.2 -> 3.6-3.9, 4096x4096 .t() 5.1-5.9 -> 4.6-5.2
+// (alternating builds; in place within noise). Each element's result is
+// dropout_run's, a pure function of its logical index, as in the contiguous
+// kernel.
 //
 // Two things made it fast (2 threads, pages kept, fp32 16.8M elements; this
 // VM is noisy, so ranges):
@@ -246,8 +255,10 @@ void dropout_typed(const DropoutCall& c) {
 //   an output as large as Note [Streaming stores] asks: out of place
 //   channels_last 6.2-6.9 ms stored ordinarily, 3.6-3.8 streamed; heads
 //   5.7-6.0 -> 3.1-3.3.
-// kTileRuns 256 or 4096 instead of 1024 was no faster.
-constexpr int64_t kTileRuns = 1024;
+// With the runs drawn up front, kTileRuns 256 or 4096 instead of 1024 was
+// no faster; drawn along the walk, 4096 leaves fewer draws before it.
+constexpr int64_t kTileRuns = 4096;
+constexpr int64_t kPipedRuns = 1024;
 constexpr int64_t kLeadBytes = 8192;
 
 // Walks dimensions [first, last) of s in row-major order from index `start`,
@@ -342,17 +353,32 @@ void dropout_strided_typed(const DropoutCall& c) {
   const int64_t tasks = c.n / (js * runs) * r_blocks * j_blocks;
   const int64_t grain = std::max<int64_t>(1, kChunk / (std::min<int64_t>(64, js) * std::min(kTileRuns, runs)));
   at::parallel_for(0, tasks, grain, [&](int64_t lo, int64_t hi) {
-    KeepCache cache;
-    uint64_t bits[64][kTileRuns / 64];
+    const Keeper keeper(d);
+    Batches shared, own[64];
+    uint64_t bits[64][kPipedRuns / 64];
+    uint64_t start[64];
     Odometer outer(s, 0, u), r(s, u + 1, dims), ahead(s, u + 1, dims);
     for (int64_t task = lo; task < hi; ++task) {  // (o, r block, j block), j block fastest
       const int64_t o = task / (r_blocks * j_blocks);
       const int64_t r0 = task / j_blocks % r_blocks * kTileRuns, j0 = task % j_blocks * 64;
       const int64_t nj = std::min<int64_t>(64, js - j0), len = std::min(kTileRuns, runs - r0);
+      const bool piped = len >= kPipedRuns;
+      for (int64_t j = 0; j < nj; ++j) start[j] = static_cast<uint64_t>((o * js + j0 + j) * runs + r0);
+      // Draws the batches that the 64 r of word v of j's run take (Note [Strided walk]).
+      const auto draw_word = [&](int64_t j, int64_t v) {
+        if (64 * v >= len) return;
+        const uint64_t i = start[j] + 64 * v;
+        own[j].group(keeper, i >> 6);
+        if (i & 63) own[j].group(keeper, (i >> 6) + 1);
+      };
       for (int64_t j = 0; j < nj; ++j) {
-        const auto start = static_cast<uint64_t>((o * js + j0 + j) * runs + r0);
-        for (int64_t w = 0; 64 * w < len; ++w)
-          bits[j][w] = cache.bits(d, start + 64 * w, static_cast<int>(std::min<int64_t>(64, len - 64 * w)));
+        if (piped) {
+          own[j].clear();
+          for (int64_t v = 0; v <= j % kBatch; ++v) draw_word(j, v);
+        } else {
+          for (int64_t w = 0; 64 * w < len; ++w)
+            bits[j][w] = shared.bits(keeper, start[j] + 64 * w, static_cast<int>(std::min<int64_t>(64, len - 64 * w)));
+        }
       }
       outer.seek(o);
       const int64_t base = outer.offset + j0;
@@ -360,10 +386,13 @@ void dropout_strided_typed(const DropoutCall& c) {
       r.seek(r0);
       ahead.seek(r0 + lead);
       for (int64_t w = 0; 64 * w < len; ++w) {
+        const int64_t count = std::min<int64_t>(64, len - 64 * w);
         uint64_t at_r[64] = {};
-        for (int64_t j = 0; j < nj; ++j) at_r[j] = bits[j][w];
+        for (int64_t j = 0; j < nj; ++j)
+          at_r[j] = piped ? own[j].bits(keeper, start[j] + 64 * w, static_cast<int>(count)) : bits[j][w];
         transpose64(at_r);
-        for (int64_t k = 0; k < std::min<int64_t>(64, len - 64 * w); ++k, r.next(), ahead.next()) {
+        for (int64_t k = 0; k < count; ++k, r.next(), ahead.next()) {
+          if (piped && k < nj) draw_word(k, w + 1 + k % kBatch);
           if (64 * w + k + lead < len) prefetch_run(x + base + ahead.offset, bytes);
           dropout_run<kStream>(x + base + r.offset, y + base + r.offset, nj, at_r[k], scale);
         }
