@@ -450,8 +450,8 @@ def test_inplace_is_the_out_of_place_result(isa, dtype, n, use_isa):
 
 # Dense layouts that are not contiguous, walked through their strides (Note [Strided dropout]; their stride-1
 # dimension is 64 bytes or more in every dtype): rows (the stride-1 dimension last) and tiles (it is not), with
-# 64-wide tiles cut short (33, 40, 70, 130), runs of r longer than a task's (1500, 2000, 2145), size-1 dimensions,
-# and dimensions that merge. Shorter stride-1 dimensions are copied (NON_CONTIGUOUS above).
+# 64-wide tiles cut short (33, 40, 70, 130), runs of r drawn up front (< 1024) and along the walk (1500, 2000,
+# 2145, 5000: Note [Strided walk]), size-1 dimensions, and dimensions that merge. Shorter stride-1 dimensions are copied (NON_CONTIGUOUS above).
 STRIDED = {
     "channels_last_40ch": lambda d: rand((2, 40, 4, 5), d).to(memory_format=torch.channels_last),
     "channels_last_70ch": lambda d: rand((3, 70, 9, 13), d).to(memory_format=torch.channels_last),
@@ -459,6 +459,7 @@ STRIDED = {
     "channels_last_3d": lambda d: rand((2, 33, 3, 4, 7), d).to(memory_format=torch.channels_last_3d),
     "t_999": lambda d: rand((999, 77), d).t(),
     "t_1500": lambda d: rand((1500, 130), d).t(),
+    "t_5000": lambda d: rand((5000, 40), d).t(),  # two r blocks: drawn along the walk, then up front
     "t_unsqueezed": lambda d: rand((40, 50), d).t()[None],
     "heads": lambda d: rand((4, 37, 5, 67), d).transpose(1, 2),
     "heads_merged": lambda d: rand((6, 4, 8, 80), d).permute(1, 0, 2, 3),
