@@ -326,7 +326,8 @@ inline at::vec::Vectorized<S> keep_select(uint64_t bits, S value) {
 // Keep bits of an arbitrary run of elements, for a loop that walks a draw in
 // order but not a batch at a time (Note [Strided walk]), drawn by a Keeper
 // the caller holds. Two batches are cached, consecutive ones in different
-// slots, so a run that straddles batches draws each once.
+// slots, so a run that straddles batches draws each once. A slot is tagged
+// with its batch's index in the draw, so it stays right for any run of it.
 class Batches {
  public:
   // Bits of elements [i, i + n), bit k = element i + k; n ≤ 64, so the run
@@ -345,7 +346,6 @@ class Batches {
     if (!s.valid || s.b != b) refill(k, s, b);
     return s.bits[q - b * kBatch];
   }
-  void clear() { slot_[0].valid = slot_[1].valid = false; }
 
  private:
   struct Slot {

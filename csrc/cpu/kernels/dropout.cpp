@@ -78,6 +78,14 @@ void prefetch_batch(const Walk& w, int64_t q, int64_t end) {
     prefetch_line(base + b);  // Note [Prefetch instruction]
 }
 
+// Makes a task's streamed stores (kStream) visible before the task ends.
+template <bool kStream>
+void end_streams() {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  if constexpr (kStream) _mm_sfence();
+#endif
+}
+
 // Runs fn(q, bits) for every 64-element group q of [0, n) in parallel, with
 // the group's keep bits; kStream: fn streams its stores (fenced per task).
 // The arrays of `walks` are prefetched ahead. Each task runs its own copy of
@@ -94,9 +102,7 @@ void for_each_group(const DropoutCall& c, const std::array<Walk, K>& walks, cons
       keeper.batch(static_cast<uint64_t>(q), bits);
       for (int64_t j = 0; j < kBatch && q + j < hi; ++j) fn(q + j, bits[j]);
     }
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-    if constexpr (kStream) _mm_sfence();  // streamed lines visible before the task ends
-#endif
+    end_streams<kStream>();
   });
 }
 
@@ -320,11 +326,6 @@ void dropout_strided_typed(const DropoutCall& c) {
   const int dims = static_cast<int>(s.sizes.size()), u = s.unit;
   // Memory runs (a row, or a tile's 64 j at one r) ahead by kLeadBytes.
   const auto lead_for = [](int64_t run_bytes) { return std::max<int64_t>(1, kLeadBytes / run_bytes); };
-  const auto fence = [] {
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-    if constexpr (kStream) _mm_sfence();  // streamed lines visible before the task ends
-#endif
-  };
   if (u == dims - 1) {  // rows, cut into pieces of at most about kChunk (a multiple of 64 elements)
     const int64_t len = s.sizes.back(), rows = c.n / len;
     const int64_t pieces = (len + kChunk - 1) / kChunk, piece = ((len + pieces - 1) / pieces + 63) / 64 * 64;
@@ -342,7 +343,7 @@ void dropout_strided_typed(const DropoutCall& c) {
                                cache.bits(d, static_cast<uint64_t>(r * len + k), static_cast<int>(count)), scale);
         }
       }
-      fence();
+      end_streams<kStream>();
     });
     return;
   }
@@ -373,7 +374,6 @@ void dropout_strided_typed(const DropoutCall& c) {
       };
       for (int64_t j = 0; j < nj; ++j) {
         if (piped) {
-          own[j].clear();
           for (int64_t v = 0; v <= j % kBatch; ++v) draw_word(j, v);
         } else {
           for (int64_t w = 0; 64 * w < len; ++w)
@@ -398,7 +398,7 @@ void dropout_strided_typed(const DropoutCall& c) {
         }
       }
     }
-    fence();
+    end_streams<kStream>();
   });
 }
 
