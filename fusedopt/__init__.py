@@ -15,6 +15,7 @@ _LAZY = {
     "Adam": "fusedopt.optim",
     "AdamW": "fusedopt.optim",
     "param_groups": "fusedopt.optim",
+    "zero_numbering": "fusedopt.optim",
     "ops": "fusedopt.ops",
     "nn": "fusedopt.nn",
     "reference": "fusedopt.reference",

@@ -39,6 +39,9 @@ OPTIMIZERS = {
 ADAMW = dict(lr=0.01, weight_decay=0.1)
 # Gradient masking under FSDP2: shards start off a Philox block (rank 1's bias of the second layer, from 2).
 MASKED = dict(lr=0.01, grad_keep_prob=0.5, grad_mask_seed=1)
+# Gradient masking under ZeRO: rank 0 steps the first weight, rank 1 the others (ZeroRedundancyOptimizer
+# hands the largest parameters out first), so rank 1's local optimizer holds parameters 2, 1, 3 as its 0, 1, 2.
+MASKED_ZERO = dict(grad_keep_prob=0.5, grad_mask_seed=3)
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="this torch build has no torch.distributed with gloo")
@@ -122,6 +125,30 @@ def _zero(rank, _):
     opt.consolidate_state_dict(to=0)
     return dict(params=_params(model.module), losses=losses, owned=len(opt.optim.param_groups[0]["params"]),
                 local_type=type(opt.optim).__name__, state_dict=opt.state_dict() if rank == 0 else None)
+
+
+def _zero_masked(rank, _):
+    """Masked ZeRO training, with the local optimizers numbering the parameters as one process does (Note
+    [ZeRO numbering] in fusedopt/optim/_base.py) and, for contrast, with their own numbering."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+    result = {}
+    for numbered in (True, False):
+        model = DistributedDataParallel(_model())
+        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=fusedopt.AdamW, **ADAMW, **MASKED_ZERO)
+        if numbered:
+            fusedopt.zero_numbering(opt)
+        for _ in range(STEPS):
+            opt.zero_grad()
+            _loss(model, _half(rank)).backward()
+            opt.step()
+        result[numbered] = _params(model.module)
+    try:
+        fusedopt.zero_numbering(ZeroRedundancyOptimizer(_model().parameters(), optimizer_class=torch.optim.AdamW))
+        result["refused"] = None
+    except TypeError as e:
+        result["refused"] = str(e)
+    return result
 
 
 def _sharded(mesh):
@@ -302,6 +329,22 @@ def test_zero_redundancy_optimizer(tmp_path, monkeypatch):
     _replay(model, opt, 3)
     torch.testing.assert_close(_params(resumed), _params(model), **TOL)
     assert all(resumed_opt.state[p]["step"].item() == STEPS + 3 for p in resumed.parameters())
+
+
+def test_zero_numbering_masks_as_one_process(tmp_path, monkeypatch):
+    ranks = _spawn(_zero_masked, None, tmp_path, monkeypatch)
+    model = _single()
+    _replay(model, fusedopt.AdamW(model.parameters(), **ADAMW, **MASKED_ZERO), STEPS)
+    for result in ranks:
+        # Numbered as one process numbers them, the masks and so the parameters are those of one process.
+        assert all(torch.equal(p, q) for p, q in zip(result[True], model.parameters()))
+        # Numbered by each rank's own share, rank 1's parameters draw other masks (and through the loss every
+        # parameter then moves otherwise).
+        assert not any(torch.equal(p, q) for p, q in zip(result[False], model.parameters()))
+        assert "whose optimizer_class is a fusedopt optimizer, got ZeroRedundancyOptimizer holding a AdamW" \
+            in result["refused"]
+    with pytest.raises(TypeError, match="got Adam$"):
+        fusedopt.zero_numbering(fusedopt.Adam(model.parameters()))
 
 
 def test_fsdp2_fully_shard(tmp_path, monkeypatch):

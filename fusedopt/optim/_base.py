@@ -3,8 +3,9 @@
 Note [One op call per device and dtype]
 step() walks the param groups in order, numbering every parameter as state_dict() does (j = 0, 1, ...; the
 gradient mask stream of parameter j is offset t·2^24 + j, so the masks do not depend on which parameters
-happen to have gradients). Within a group, the parameters with a gradient are bucketed by (device, dtype)
-and each bucket is one op call. Complex parameters enter as real pairs (torch.view_as_real, as torch does),
+happen to have gradients; under ZeRO, as the ZeroRedundancyOptimizer's state_dict does: Note [ZeRO
+numbering]). Within a group, the parameters with a gradient are bucketed by (device, dtype) and each bucket
+is one op call. Complex parameters enter as real pairs (torch.view_as_real, as torch does),
 so a complex64 parameter shares the float32 bucket. A tensor that is not contiguous (a channels_last weight,
 a strided gradient) enters as a contiguous copy that is written back after the call, so the op's
 elementwise loop and the mask's row-major element numbering always agree.
@@ -23,6 +24,7 @@ import math
 import operator
 import sys
 import warnings
+import weakref
 from collections.abc import Mapping
 
 import torch
@@ -195,24 +197,29 @@ class FusedOptimizer(Optimizer):
         # Every group's plan before any op runs: what cannot be stepped raises with nothing changed.
         groups = []
         first = 0  # state_dict number of the group's first parameter
+        numbering = self.__dict__.get("_numbering")  # Note [ZeRO numbering]
+        index = None if numbering is None else numbering()
         for gi, group in enumerate(self.param_groups):
             params = group["params"]
+            # Each parameter's number j, its mask and rounding streams' (Note [One op call per device and dtype]).
+            numbers = (range(first, first + len(params)) if index is None
+                       else tuple(map(index.__getitem__, params)))
             # Note [Gradients from C++] in csrc/module.cpp; torch.compile traces the Python forms (its graph
             # holds the op alone).
             grads = [p.grad for p in params] if compiling else _C._grads(params)
             spec = self._buffers(group)
-            key = (tuple(map(operator.is_not, grads, itertools.repeat(None))), tuple(spec), first,
+            key = (tuple(map(operator.is_not, grads, itertools.repeat(None))), tuple(spec), numbers,
                    group["state_dtype"])
             plan = plans.get(gi)
             if plan is None or plan[0] != key or not all(map(operator.is_, plan[2], params)):
-                plan = plans[gi] = (key, self._plan(group, spec, grads, first), list(params))
+                plan = plans[gi] = (key, self._plan(group, spec, grads, numbers), list(params))
             if group["grad_keep_prob"] < 1:
                 for *_, unmaskable in plan[1]:
                     if unmaskable:
                         raise _unmaskable(self, params[unmaskable[0]])
-            groups.append((group, grads, spec, first, plan[1]))
+            groups.append((group, grads, spec, numbers, plan[1]))
             first += len(params)
-        for group, grads, spec, first, buckets in groups:
+        for group, grads, spec, numbers, buckets in groups:
             params = group["params"]
             lr = group["lr"]  # a tensor goes to the op as it is (Note [Tensor lr] in csrc/include/fusedopt/calls.h)
             options = dict(lr=lr if torch.is_tensor(lr) else float(lr), **self._options(group), **_common(group))
@@ -225,7 +232,7 @@ class FusedOptimizer(Optimizer):
                     rows = [[_operand(t, grad_copies if k == 1 else copies)
                              for k, t in enumerate(self._operands(params[i], grads[i], group, spec))]
                             for i in members]
-                    op_lists = _columns(rows) + [[i + first for i in members]]
+                    op_lists = _columns(rows) + [[numbers[i] for i in members]]
                 else:  # real members (so real gradients: torch checks a .grad's dtype); copy only if strided
                     members_grads = grads if len(members) == len(grads) else [grads[i] for i in members]
                     contiguous = (all(map(torch.Tensor.is_contiguous, members_grads)) if compiling
@@ -248,15 +255,16 @@ class FusedOptimizer(Optimizer):
         state = self._state(p, group)
         return [_local(p), *map(_local, [g, *(state[k] if used else None for k, used in spec), state["step"]])]
 
-    def _plan(self, group, spec, grads, first):
+    def _plan(self, group, spec, grads, numbers):
         """Note [Step plans]
         The tensors a group hands to its op calls change only when its parameters, the set of those with a
         gradient, the buffers in use or the state (load_state_dict) change, so step() keeps, per group, the op's lists
         for each (device, dtype) bucket and rebuilds them only then; a step then costs a list of gradients
         per bucket. Complex, non-contiguous or DTensor members go to buckets that convert their operands anew each
         step. Returns [(device, dtype, members, lists or None, offsets, unmaskable)], lists = [params, *buffers,
-        steps, indices]; offsets (None for plain members) are the members' shard offsets (Note [Shard offsets] in
-        csrc/include/fusedopt/philox.h), unmaskable the members whose shard is not one run of their parameter.
+        steps, indices] (indices: the members' numbers); offsets (None for plain members) are the members' shard
+        offsets (Note [Shard offsets] in csrc/include/fusedopt/philox.h), unmaskable the members whose shard is
+        not one run of their parameter.
         Users change the state behind the plans as torch lets them (`opt.state = defaultdict(dict)`,
         `opt.state.clear()`, `del opt.state[p]`, `opt.state[p]["exp_avg"] = ...`): assigning opt.state drops
         the plans, and reading it (the `state` property) makes the next step check that the tensors they hold
@@ -281,7 +289,7 @@ class FusedOptimizer(Optimizer):
             if plain:
                 rows = [self._operands(group["params"][i], None, group, spec) for i in members]
                 columns = _columns(rows)
-                lists = columns[:1] + columns[2:] + [[i + first for i in members]]
+                lists = columns[:1] + columns[2:] + [[numbers[i] for i in members]]
             else:
                 runs = [_shard_offset(group["params"][i]) for i in members]
                 offsets = [0 if offset is None else offset for offset in runs]
@@ -300,6 +308,36 @@ class FusedOptimizer(Optimizer):
                     if column and not all(map(operator.is_, map(dict.get, entries, itertools.repeat(key)), column)):
                         return False
         return True
+
+def zero_numbering(zero):
+    """Note [ZeRO numbering]
+    torch.distributed.optim.ZeroRedundancyOptimizer gives each rank a local optimizer of its share of the
+    parameters, and that optimizer numbers only those (j = 0, 1, ... in its own state_dict), so its gradient
+    masks and stochastic rounding bits, drawn from stream j, are not those of one process stepping every
+    parameter. zero_numbering(zero) makes zero's local fusedopt optimizer number each parameter as zero's
+    state_dict does (all ranks' parameters, group by group: ZeroRedundancyOptimizer._param_to_index, which
+    that numbering is), so masked or stochastically rounded ZeRO training equals single-process training bit
+    for bit, given the same grad_mask_seed on every rank. Call it once, after making zero, on every rank."""
+    local = getattr(zero, "optim", None)
+    if not isinstance(local, FusedOptimizer):
+        raise TypeError("zero_numbering: expected a torch.distributed.optim.ZeroRedundancyOptimizer whose "
+                        f"optimizer_class is a fusedopt optimizer, got {type(zero).__name__}"
+                        + (f" holding a {type(local).__name__}" if local is not None else ""))
+    if not isinstance(getattr(type(zero), "_param_to_index", None), property):
+        raise TypeError(f"zero_numbering: this torch's {type(zero).__name__} has no _param_to_index property "
+                        "(the global numbering of its state_dict)")
+    zero_ref = weakref.ref(zero)  # the local optimizer is zero's: no reference cycle
+
+    def numbering():
+        owner = zero_ref()
+        if owner is None:
+            raise RuntimeError("zero_numbering: the ZeroRedundancyOptimizer that numbered this optimizer's "
+                               "parameters is gone")
+        return owner._param_to_index
+
+    local.__dict__["_numbering"] = numbering
+    local.__dict__.pop("_plans", None)
+
 
 # Note [Checked state_dict]
 # torch's load_state_dict checks only the number of groups and of parameters per group; the state it
