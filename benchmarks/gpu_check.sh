@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one call on a lent H200 (DESIGN.md §7), from the repository root on the device machine:
+# The one call on a lent GPU (DESIGN.md §7: an H200; the device tool now lends H100s too), from the repository
+# root on the device machine:
 #
 #   bash benchmarks/gpu_check.sh
 #
@@ -14,7 +15,9 @@
 # with a 600 s limit). The only timed build (2026-11-28) took 187 s; the kernels have twice the dtype
 # variants since, so the build may take up to ~6 minutes. To keep it short it builds only this CPU's widest
 # ISA and no optimizer grid-emulation ops (FUSEDOPT_GRIDEMU=0, tests only); the benchmark gets what is left,
-# at most 200 s. Logs and the results are written as they go (the benchmark's after every row, and it starts
+# at most 200 s. At 1e9 parameters every implementation keeps its own parameters and state (Adam: 12 GB each),
+# so on an 80 GB H100 a torch variant may run out of memory: its row then says so and the others go on.
+# Logs and the results are written as they go (the benchmark's after every row, and it starts
 # no row past 80% of its time), so a run cut short still leaves what it finished. No network, no installs:
 # the machine's python3, torch, pytest, nvcc.
 # $OUT defaults to results/gpu. GPU_CHECK_SKIP="tests bench" (any of build tests dropout-tests bench

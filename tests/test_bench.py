@@ -175,6 +175,44 @@ def test_a_failing_fusedopt_step_is_a_row_and_fails_the_run(tmp_path, monkeypatc
     assert "| fusedopt | error: RuntimeError: kernel refused |" in md
 
 
+def test_a_step_that_raises_while_timed_is_a_row(tmp_path, monkeypatch):
+    """A timed step that raises (out of memory: 1e9 parameters on a GPU smaller than the H200) drops that
+    implementation from the row with its reason, and the others are timed on; the run fails only when it is
+    fusedopt's step."""
+    class Exhausted(torch.optim.SGD):
+        def step(self, closure=None):
+            if self.state.get("stepped"):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+            self.state["stepped"] = True
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "SGD", Exhausted)
+    monkeypatch.setattr(bench, "TORCH_VARIANTS", {"torch for-loop": {"foreach": False},
+                                                  "torch foreach": {"foreach": True}})
+    rc, data, md = run(tmp_path, "--optimizers", "sgd,adam")
+    assert rc == 0
+    rows = {(r["optimizer"], r["impl"]): r for r in data["optimizers"]}
+    for k in ("torch for-loop", "torch foreach"):
+        assert rows["sgd", k] == {"optimizer": "sgd", "layout": "t", "tensors": 3, "params": 300, "impl": k,
+                                  "error": "OutOfMemoryError: CUDA out of memory. Tried to allocate 4.00 GiB"}
+        assert "median_ms" in rows["adam", k]
+    assert "median_ms" in rows["sgd", "fusedopt"] and math.isnan(rows["sgd", "fusedopt"]["speedup_vs_best_torch"])
+    assert "| torch foreach | error: OutOfMemoryError: CUDA out of memory. Tried to allocate 4.00 GiB |" in md
+
+    class Exhausted(fusedopt.SGD):
+        def step(self, closure=None):
+            if getattr(self, "stepped", False):
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            self.stepped = True
+            return super().step(closure)
+
+    monkeypatch.setattr(fusedopt, "SGD", Exhausted)
+    rc, data, md = run(tmp_path, "--optimizers", "sgd")
+    ours = [r for r in data["optimizers"] if r["impl"] == "fusedopt"]
+    assert rc == 1 and ours == [{"optimizer": "sgd", "layout": "t", "tensors": 3, "params": 300, "impl": "fusedopt",
+                                 "error": "OutOfMemoryError: CUDA out of memory"}]
+
+
 def test_budget_skips_what_would_start_late(tmp_path, monkeypatch):
     """Each row takes 100 s of a fake clock: with --budget 200 the second layout (starting at 100 s) runs,
     the third (200 s, past 80%) and the dropout section are skipped, and the rows so far are kept."""

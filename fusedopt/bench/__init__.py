@@ -276,9 +276,14 @@ def update_errors(opt, dtype, device):
         start = [p.detach().clone() for p in params_of(o)]
         for group in o.param_groups:
             group["lr"] = PROBE_LR
-        for _ in range(2):
-            o.step()
+        try:
+            for _ in range(2):
+                o.step()
+        except Exception:  # no update to check; its timed steps will say why (fusedopt's: below)
+            continue
         deltas[k] = torch.cat([(p.detach() - s).double().flatten() for p, s in zip(params_of(o), start)])
+    if "fusedopt" not in deltas:
+        return {}
     ours = deltas.pop("fusedopt")
     norm = ours.norm().item()
     if not math.isfinite(norm) or norm == 0:
@@ -337,9 +342,16 @@ def bench_optimizer(args, opt, layout, base, device, timer, yard, progress, upda
     times = {k: [] for k in impls}
     hosts = {k: [] for k in impls}
     yard_times = []
+    failed = {}  # name -> why a timed step raised (out of memory at 1e9 parameters on a smaller GPU)
     for _ in range(args.reps):
-        for k in impls:  # interleaved, so drift hits all alike
-            t, h = timer(impls[k].step)
+        for k in list(impls):  # interleaved, so drift hits all alike
+            try:
+                t, h = timer(impls[k].step)
+            except Exception as e:  # the row says so; the others go on, with its memory freed
+                failed[k] = describe(e)
+                del impls[k], times[k], hosts[k]
+                release(device)
+                continue
             times[k].append(t)
             hosts[k].append(h)
         yard_times.append(yard.time())
@@ -364,6 +376,7 @@ def bench_optimizer(args, opt, layout, base, device, timer, yard, progress, upda
     best_torch = min((m for k, m in medians.items() if k != "fusedopt" and k not in wrong), default=float("nan"))
     best_graph = min((m for k, m in graph_medians.items() if k != "fusedopt"), default=float("nan"))
     rows = [{**head, "impl": "fusedopt", "error": errors["fusedopt"]}] if "fusedopt" in errors else []
+    rows += [{**head, "impl": k, "error": e} for k, e in failed.items()]
     for k, med in medians.items():
         gbs = nbytes / med / 1e9
         row = {**head, "impl": k, "median_ms": med * 1e3, "host_ms": statistics.median(hosts[k]) * 1e3,
@@ -718,4 +731,4 @@ def main(argv=None):
     drew = bool(timed) and chart(timed, out / "results.png")
     print(md)
     print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}" + (f", {out / 'results.png'}" if drew else ""))
-    return 1 if bad or any("error" in r for r in rows) else 0
+    return 1 if bad or any("error" in r and r["impl"] == "fusedopt" for r in rows) else 0
