@@ -230,6 +230,22 @@ def test_p_0_p_1_and_empty_inputs_take_nothing_from_the_generator_like_torch():
     assert not torch.equal(torch.rand(3), after)  # 0 < p < 1 draws
 
 
+def test_a_random_mask_is_refused_while_a_cuda_graph_is_captured(monkeypatch):
+    """The draw is read on the host, so a captured graph would replay its capture's mask: a random draw for a
+    CUDA input is refused while the current stream captures; a given seed (a fixed mask on purpose), p = 0 or 1
+    (no mask) and CPU inputs are not. (No GPU here: the capture state is faked, the draw is all that runs.)"""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    cuda = torch.device("cuda")
+    with pytest.raises(RuntimeError, match="capturing a graph.*pass seed="):
+        F._draw(None, None, 0.5, cuda)
+    assert F._draw(7, 3, 0.5, cuda).tolist() == [7, 3]
+    assert F._draw(None, None, 1.0, cuda).tolist() == [0, 0]
+    x = torch.ones(64)
+    assert not torch.equal(F.dropout(x, 0.5), F.dropout(x, 0.5))  # the CPU draws as ever
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert F._draw(None, None, 0.5, cuda).shape == (2,)
+
+
 def test_per_sample_gradients_through_a_module():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 40), fnn.Dropout(0.5))

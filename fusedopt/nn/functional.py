@@ -67,13 +67,23 @@ def _random(seed, p) -> bool:
     return seed is None and 0.0 < p < 1.0
 
 
-def _draw(seed, offset, p) -> Tensor:
+def _draw(seed, offset, p, device) -> Tensor:
     """The draw tensor (seed, offset): the given words, or a fresh pair from torch's default CPU generator
-    where the mask is random."""
+    where the mask is random. The ops read a draw on the host (Note [Dropout draw] in
+    csrc/include/fusedopt/dropout.h), so a CUDA graph would replay the mask drawn at its capture on every
+    replay: a random mask is refused while the current CUDA stream is capturing."""
     if seed is None:
         if offset is not None:
             raise ValueError("offset given without a seed")
-        return _ops_ns.dropout_seed(_DRAWS) if _random(seed, p) else torch.zeros(2, dtype=torch.int64)
+        if not _random(seed, p):
+            return torch.zeros(2, dtype=torch.int64)
+        if device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "fusedopt dropout: the current CUDA stream is capturing a graph, and fusedopt draws its mask's "
+                "(seed, offset) on the host, so every replay would apply the mask drawn at capture. Leave the "
+                "dropout out of the captured region, or pass seed= (and offset=) to replay that fixed mask on "
+                "purpose")
+        return _ops_ns.dropout_seed(_DRAWS)
     return torch.tensor([_int64(seed, "seed"), _int64(0 if offset is None else offset, "offset")],
                         dtype=torch.int64)
 
@@ -102,7 +112,7 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
     p = _check_p(p)
     if not training or p == 0.0 or input.numel() == 0:  # torch's dropout returns the input itself then
         return input
-    draw = _draw(seed, offset, p)
+    draw = _draw(seed, offset, p, input.device)
     if _transformed():
         y = (input * _mask(input.detach(), p, draw, _random(seed, p))).to(input.dtype)
         return input.copy_(y) if inplace else y
@@ -126,7 +136,7 @@ def bias_dropout_add(x: Tensor, bias: Tensor, residual: Tensor, p: float = 0.5, 
     p = _check_p(p)
     if not training:
         return residual + (x + bias)
-    draw = _draw(seed, offset, p)
+    draw = _draw(seed, offset, p, x.device)
     if _transformed():
         _check_bias_shapes(x, bias, residual)
         m = _mask(x.detach(), p, draw, _random(seed, p))
@@ -142,7 +152,7 @@ def dropout_keep_bits(input: Tensor, p: float, *, seed: int, offset: int = 0) ->
     Equals numpy.packbits(fusedopt.reference.keep_mask(seed, offset, numel, 1 - p), bitorder="little").
     """
     p = _check_p(p)
-    return _ops_ns.dropout_keep_bits(input, p, _draw(seed, offset, p))
+    return _ops_ns.dropout_keep_bits(input, p, _draw(seed, offset, p, input.device))
 
 
 def unpack_keep_bits(bits: Tensor, numel: int) -> Tensor:
