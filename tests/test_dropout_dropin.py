@@ -49,6 +49,41 @@ def test_module_is_a_torch_dropout_with_no_state():
         assert torch.equal(m.eval()(x), ref.eval()(x))
 
 
+def test_swap_dropout_makes_a_library_layer_draw_fusedopt_masks():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.25, batch_first=True)
+    layer.self_attn.dropout = 0.0  # a function's dropout_p, which no swap reaches
+    ref = copy.deepcopy(layer)  # torch's dropouts
+    twin = copy.deepcopy(layer)  # fusedopt's, put in by hand
+    for name in ("dropout", "dropout1", "dropout2"):
+        setattr(twin, name, fnn.Dropout(0.25))
+    calls = []
+    layer.dropout1.register_forward_hook(lambda *_: calls.append(1))
+    kept = layer.dropout1
+    assert fnn.swap_dropout(layer) == 3
+    assert layer.dropout1 is kept and type(kept) is fnn.Dropout and kept.p == 0.25 and not kept.inplace
+    x = torch.randn(2, 5, 16)
+    torch.manual_seed(3)
+    y = layer(x)
+    assert calls == [1]
+    torch.manual_seed(3)
+    assert torch.equal(y, twin(x))
+    torch.manual_seed(3)
+    assert not torch.equal(y, ref(x))  # torch's masks differ
+    layer.eval()
+    assert torch.equal(layer(x), ref.eval()(x))  # identity in eval
+    assert fnn.swap_dropout(layer) == 0  # already swapped
+    bad = nn.Sequential(nn.Dropout(0.5), nn.Dropout(0.5), nn.Dropout2d(0.5))
+    bad[1].p = 2.0
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        fnn.swap_dropout(bad)
+    assert [type(m) for m in bad] == [nn.Dropout, nn.Dropout, nn.Dropout2d]  # nothing swapped
+    bad[1].p = 0.5
+    assert fnn.swap_dropout(bad) == 2 and [type(m) for m in bad] == [fnn.Dropout, fnn.Dropout, nn.Dropout2d]
+    module = nn.Dropout(0.1)
+    assert fnn.swap_dropout(module) == 1 and type(module) is fnn.Dropout
+
+
 @pytest.mark.parametrize("p", [torch.tensor(0.25), np.float32(0.25), np.float64(0.25)])
 def test_p_as_tensor_or_numpy_scalar_is_accepted_like_torch(p):
     x = torch.ones(1000)

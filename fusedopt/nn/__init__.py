@@ -4,7 +4,8 @@ import torch
 from . import functional
 from .functional import bias_dropout_add, dropout, dropout_keep_bits, unpack_keep_bits
 
-__all__ = ["Dropout", "bias_dropout_add", "dropout", "dropout_keep_bits", "functional", "unpack_keep_bits"]
+__all__ = ["Dropout", "bias_dropout_add", "dropout", "dropout_keep_bits", "functional", "swap_dropout",
+           "unpack_keep_bits"]
 
 
 class Dropout(torch.nn.Dropout):
@@ -30,3 +31,21 @@ class Dropout(torch.nn.Dropout):
         if isinstance(input, torch.fx.Proxy) and getattr(input.tracer, "root", self) is not self:  # an fx leaf
             return input.tracer.create_proxy("call_module", input.tracer.path_of_module(self), (input,), {})
         return functional.dropout(input, self.p, self.training, self.inplace)
+
+
+def swap_dropout(module: torch.nn.Module) -> int:
+    """Makes every torch.nn.Dropout in `module` (itself included) a fusedopt.nn.Dropout, in place, and returns
+    how many it made.
+
+    For models whose layers a library builds (torch.nn.TransformerEncoderLayer, a torchvision classifier):
+    each module's class is swapped (as torch.distributed.fsdp.fully_shard swaps classes), so p, inplace, the
+    training mode, hooks and every reference to the module stay as they were. Only torch.nn.Dropout itself:
+    Dropout1d/2d/3d and AlphaDropout drop other things and are left alone, and so are the dropouts a layer
+    calls as a function (torch.nn.functional.dropout, scaled_dot_product_attention's dropout_p).
+    """
+    found = [m for m in module.modules() if type(m) is torch.nn.Dropout]
+    for m in found:
+        functional._check_p(m.p)  # before any is swapped
+    for m in found:
+        m.__class__ = Dropout
+    return len(found)
