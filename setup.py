@@ -130,7 +130,9 @@ def extension():
         return cpp_extension.CppExtension(
             "fusedopt._C", sources, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx}, extra_link_args=extra_link)
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # sm_80 and sm_90 machine code, and sm_90 PTX, which the driver compiles on first load for any newer GPU
+    # (Blackwell: sm_100, sm_120) rather than failing every launch with "no kernel image is available".
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     sources += [str(p.relative_to(ROOT)) for p in sorted((CSRC / "cuda").glob("*.cu"))]
     nvcc = ["-O3", "-std=c++20", "--fmad=false", "-prec-div=true", "-prec-sqrt=true",
             "--expt-relaxed-constexpr", "-lineinfo"]
