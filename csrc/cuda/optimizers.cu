@@ -34,6 +34,7 @@ struct Device {
   static void run(const OptimizerCall<Hyper>& call, at::TensorList params, at::TensorList steps,
                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
     if (call.tensors.empty()) return;
+    check_driver();
     const c10::cuda::CUDAGuard guard(params[0].device());
     const Launch l{c10::cuda::getCurrentCUDAStream(params[0].device().index()), scalar_ptr(grad_scale),
                    scalar_ptr(found_inf)};

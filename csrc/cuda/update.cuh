@@ -16,6 +16,19 @@ namespace fusedopt::cuda {
 
 constexpr size_t kMaxArgBytes = 32764;  // CUDA 12.1+, sm_70+
 
+// The 32 KB argument space needs a driver of CUDA 12.1 or newer too (Note
+// [Kernel arguments]): a CUDA 12.x build may run on an older one (minor
+// version compatibility), where every update launch would fail obscurely.
+inline void check_driver() {
+  static const int version = [] {
+    int v = 0;
+    C10_CUDA_CHECK(cudaDriverGetVersion(&v));
+    return v;
+  }();
+  TORCH_CHECK(version >= 12010, "fusedopt: the optimizer kernels take 32 KB kernel arguments, which need a driver "
+              "for CUDA 12.1 or newer (R530+); this driver supports CUDA ", version / 1000, ".", version % 1000 / 10);
+}
+
 // What every update launch of a call shares: the stream, AMP.
 struct Launch {
   cudaStream_t stream;

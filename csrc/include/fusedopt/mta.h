@@ -24,7 +24,8 @@
 // where launch overhead dominates (10,000 tensors: 25 launches of AMSGrad Adam,
 // 5 lists, instead of 200 with a 4 KB table; 23 before slots carried a shard
 // offset). kArgBytes leaves room for the options beside the table;
-// csrc/cuda/update.cuh checks sizeof(Args) and requires CUDA >= 12.1.
+// csrc/cuda/update.cuh checks sizeof(Args) and requires CUDA >= 12.1: of the
+// toolkit when it builds, of the driver (check_driver) when a step launches.
 //
 // Note [Steps on the device]
 // Every chunk reads its tensor's step, t = step + 1, and computes the rule's
