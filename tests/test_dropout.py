@@ -467,6 +467,7 @@ STRIDED = {
     "permuted": lambda d: rand((3, 5, 7, 40), d).permute(2, 0, 3, 1),
     "size_one_dims": lambda d: rand((1, 7, 1, 33), d).permute(3, 2, 1, 0),
     "narrow_tiles": lambda d: rand((2, 2000, 33), d).transpose(1, 2),
+    "three_r_dims": lambda d: rand((2, 3, 4, 40), d).permute(3, 0, 2, 1),  # r over 3 dimensions that do not merge
 }
 
 
@@ -509,6 +510,23 @@ def test_strided_input_does_not_depend_on_the_thread_count():
     one = OPS.dropout(x, 0.5, draw())
     torch.set_num_threads(2)
     assert torch.equal(OPS.dropout(x, 0.5, draw()), one)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", list(STRIDED) + ["nine_dims"])
+def test_gridemu_strided(dtype, layout):
+    """The CUDA runner's strided bodies (Note [Strided CUDA dropout]): rows and tiles (tiles cut short in j and
+    r, grids smaller than the tiles), bit for bit the CPU's walk; more than 8 merged dimensions take the
+    copies."""
+    if layout == "nine_dims":  # no two neighbours merge
+        x = rand((2,) * 8 + (16,), dtype).permute(8, 0, 2, 4, 6, 1, 3, 5, 7)
+    else:
+        x = STRIDED[layout](dtype)
+    for grid in [1, 3, 100000]:
+        for p in [0.0, 0.3, 1.0]:
+            y = OPS._gridemu_dropout(x, p, draw(SEED, OFFSETS[1]), grid)
+            assert y.stride() == x.stride()
+            assert_bitwise(y, OPS.dropout(x, p, draw(SEED, OFFSETS[1])), f"grid={grid} p={p}")
 
 
 def test_inplace_non_contiguous_input_follows_the_logical_index():
@@ -775,6 +793,25 @@ def test_cuda_current_stream_and_non_contiguous_input():
         y = OPS.dropout(x, 0.5, draw(7, 8))
     side.synchronize()
     assert_bitwise(y.cpu(), want)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", list(STRIDED) + ["channels_last_large"])
+def test_cuda_strided_input_equals_cpu(dtype, layout):
+    """Note [Strided CUDA dropout]: rows and tiles, out of place, in place and backward, keeping the strides;
+    the large layout has more tiles than one grid covers."""
+    x = (rand((16, 64, 128, 128), dtype).to(memory_format=torch.channels_last) if layout == "channels_last_large"
+         else STRIDED[layout](dtype))
+    xc = x.cuda()
+    assert xc.stride() == x.stride()
+    want = OPS.dropout(x, 0.3, draw(SEED, OFFSETS[1]))
+    for y in [OPS.dropout(xc, 0.3, draw(SEED, OFFSETS[1])), OPS.dropout_backward(xc, 0.3, draw(SEED, OFFSETS[1]))]:
+        assert y.stride() == x.stride()
+        assert_bitwise(y.cpu(), want)
+    OPS.dropout_(xc, 0.3, draw(SEED, OFFSETS[1]))
+    assert_bitwise(xc.cpu(), want, "in place")
 
 
 @pytest.mark.cuda

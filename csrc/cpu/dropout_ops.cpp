@@ -103,6 +103,7 @@ at::Tensor philox(const at::Tensor& counters, int64_t seed) {
 // grid capped at `max_grid` blocks instead of 8 per SM, each launch's blocks
 // and threads walked on the host.
 struct EmuRun {
+  static constexpr int kMaxStridedDims = dropout::kMaxDims;
   int64_t max_grid;
 
   template <typename A, typename Body>
@@ -118,6 +119,26 @@ struct EmuRun {
     FUSEDOPT_DISPATCH_FLOATING(c.dtype, "_gridemu_dropout", [&] {
       launch(dropout::elementwise_units<scalar_t>(c.n), typed_args<scalar_t>(c),
              dropout::dropout_thread<scalar_t>);
+    });
+  }
+  // Rows: one thread a unit; tiles: one block a tile, grid-stride, its threads' draw phase, then their apply
+  // phase (the __syncthreads between them on the GPU).
+  void dropout_strided(const DropoutCall& c) const {
+    FUSEDOPT_DISPATCH_FLOATING(c.dtype, "_gridemu_dropout", [&] {
+      const auto a = strided_args<scalar_t>(c);
+      if (a.unit == a.dims - 1) return launch(a.units, a, dropout::strided_rows_thread<scalar_t>);
+      const int64_t grid = std::min(a.units, max_grid);
+      dropout::with_one_r(a, [&](auto one_r) {
+        at::parallel_for(0, grid, 1, [&](int64_t lo, int64_t hi) {
+          dropout::TileBits sh;
+          for (int64_t b = lo; b < hi; ++b)
+            for (int64_t tile = b; tile < a.units; tile += grid) {
+              for (int64_t t = 0; t < dropout::kThreads; ++t) dropout::strided_tile_draw(tile, t, a, sh);
+              for (int64_t t = 0; t < dropout::kThreads; ++t)
+                dropout::strided_tile_apply<decltype(one_r)::value>(tile, t, a, sh);
+            }
+        });
+      });
     });
   }
   void bias_dropout_add(const DropoutCall& c) const {

@@ -20,6 +20,19 @@ __global__ void __launch_bounds__(dropout::kThreads) dropout_kernel(A a) {
   Body(blockIdx.x, threadIdx.x, blockDim.x, gridDim.x, a);
 }
 
+// Note [Strided CUDA dropout]: one block a tile, grid-stride; the draw phase
+// fills the tile's bits in shared memory, the apply phase reads them.
+template <bool kOneR, typename T>
+__global__ void __launch_bounds__(dropout::kThreads) strided_tiles_kernel(const dropout::StridedArgs<T> a) {
+  __shared__ dropout::TileBits sh;
+  for (int64_t tile = blockIdx.x; tile < a.units; tile += gridDim.x) {
+    dropout::strided_tile_draw(tile, threadIdx.x, a, sh);
+    __syncthreads();
+    dropout::strided_tile_apply<kOneR>(tile, threadIdx.x, a, sh);
+    __syncthreads();  // before the next tile's draw overwrites the bits
+  }
+}
+
 // Note [Dropout launch plan]: 8 blocks of kThreads per SM, grid-stride.
 int64_t max_grid() {
   int device = 0, sms = 0;
@@ -36,10 +49,25 @@ void launch(int64_t units, const A& a) {
 }
 
 struct CudaRun {
+  static constexpr int kMaxStridedDims = dropout::kMaxDims;
+
   void dropout(const DropoutCall& c) const {
     FUSEDOPT_DISPATCH_FLOATING(c.dtype, "dropout", [&] {
       launch<dropout::Args<scalar_t>, dropout::dropout_thread<scalar_t>>(dropout::elementwise_units<scalar_t>(c.n),
                                                                           typed_args<scalar_t>(c));
+    });
+  }
+  void dropout_strided(const DropoutCall& c) const {
+    FUSEDOPT_DISPATCH_FLOATING(c.dtype, "dropout", [&] {
+      const auto a = strided_args<scalar_t>(c);
+      if (a.unit == a.dims - 1)
+        return launch<dropout::StridedArgs<scalar_t>, dropout::strided_rows_thread<scalar_t>>(a.units, a);
+      const int64_t grid = std::min(a.units, max_grid());
+      dropout::with_one_r(a, [&](auto one_r) {
+        strided_tiles_kernel<decltype(one_r)::value, scalar_t>
+            <<<static_cast<unsigned>(grid), dropout::kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   }
   void bias_dropout_add(const DropoutCall& c) const {

@@ -42,8 +42,10 @@ namespace fusedopt {
 // has logical index (o·sizes[unit] + j)·P + r (P the product of the sizes
 // after `unit`): the kernel draws the bits of a run of r for 64 j at a time
 // and transposes them, so that the 64 j of one (o, r), which lie side by
-// side in memory, are stored as one run. The CUDA runner has no strided
-// kernel yet: there, such an input still takes the copies.
+// side in memory, are stored as one run. The CUDA runner (and its grid
+// emulation) tiles the same way, with the bits in shared memory (Note
+// [Strided CUDA dropout] in fusedopt/dropout_body.h), for up to
+// dropout::kMaxDims merged dimensions (its kMaxStridedDims).
 struct Strided {
   std::vector<int64_t> sizes, strides;  // strides in elements, the same for x and y
   int unit = 0;  // the dimension of stride 1
@@ -144,6 +146,8 @@ std::optional<Strided> strided_walk(const at::Tensor& x) {
   if (!has_strided<Run> || x.is_contiguous() || !x.is_non_overlapping_and_dense() || x.numel() == 0) return {};
   Strided s = strided_of(x);
   if (s.sizes[s.unit] * static_cast<int64_t>(x.element_size()) < 64) return {};
+  if constexpr (requires { Run::kMaxStridedDims; })
+    if (static_cast<int>(s.sizes.size()) > Run::kMaxStridedDims) return {};
   return s;
 }
 
@@ -328,6 +332,34 @@ dropout::Args<T> typed_args(const DropoutCall& c) {
   a.h = c.h;
   a.vec = aligned16(c.x) && aligned16(c.bias) && aligned16(c.residual) && aligned16(c.y) &&
           (!c.row_wise || c.h % dropout::unit_elems<T>() == 0);
+  return a;
+}
+
+// The typed arguments of the strided bodies (Note [Strided CUDA dropout]) for
+// a call with c.strided set, of at most dropout::kMaxDims dimensions.
+template <typename T>
+dropout::StridedArgs<T> strided_args(const DropoutCall& c) {
+  const Strided& s = *c.strided;
+  dropout::StridedArgs<T> a;
+  a.x = static_cast<const T*>(c.x);
+  a.y = static_cast<T*>(c.y);
+  a.seed = c.seed;
+  a.offset = c.offset;
+  a.threshold = c.threshold;
+  a.scale = static_cast<typename dropout::StridedArgs<T>::S>(c.scale);
+  a.dims = static_cast<int>(s.sizes.size());
+  TORCH_INTERNAL_ASSERT(a.dims <= dropout::kMaxDims, "strided dropout: ", a.dims, " dimensions");
+  a.unit = s.unit;
+  for (int d = 0; d < a.dims; ++d) {
+    a.sizes[d] = s.sizes[d];
+    a.strides[d] = s.strides[d];
+    if (d < a.unit) a.outer *= s.sizes[d];
+    if (d > a.unit) a.inner *= s.sizes[d];
+  }
+  a.j_size = s.sizes[a.unit];
+  a.units = a.unit == a.dims - 1
+                ? a.outer * dropout::ceil_div(a.j_size, 4)
+                : a.outer * dropout::ceil_div(a.j_size, dropout::kTileJ) * dropout::ceil_div(a.inner, dropout::kTileR);
   return a;
 }
 

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -117,6 +118,26 @@ struct Args {
   bool vec = false;
 };
 
+// The Philox words of a draw, element by element, for a thread that walks
+// elements in increasing logical order: each block is computed once per run
+// of its elements.
+class BlockWords {
+ public:
+  FUSEDOPT_HD BlockWords(uint64_t seed, uint64_t offset) : seed_(seed), offset_(offset) {}
+  FUSEDOPT_HD uint32_t operator()(uint64_t i) {
+    if ((i >> 2) != g_) {
+      g_ = i >> 2;
+      w_ = philox::block(seed_, offset_, g_);
+    }
+    return w_.w[i & 3];
+  }
+
+ private:
+  uint64_t seed_, offset_;
+  uint64_t g_ = ~uint64_t(0);
+  philox::Words w_{};
+};
+
 // m[k] for the U elements of the unit starting at i0 (a multiple of 4).
 template <typename T>
 FUSEDOPT_HD inline void unit_keep(const Args<T>& a, int64_t i0, typename Args<T>::S (&m)[unit_elems<T>()]) {
@@ -221,15 +242,10 @@ FUSEDOPT_HD inline void dbias_partial_thread(int64_t block, int64_t thread, int6
         }
         store_unit(a.y + i0, v);
       } else {
-        uint64_t g_cur = ~uint64_t(0);
-        philox::Words w{};
+        BlockWords words(a.seed, a.offset);
         for (int k = 0; k < cn; ++k) {
           const uint64_t i = static_cast<uint64_t>(i0 + k);
-          if ((i >> 2) != g_cur) {
-            g_cur = i >> 2;
-            w = philox::block(a.seed, a.offset, g_cur);
-          }
-          const S d = math::dropout(static_cast<S>(a.x[i]), philox::keep(w.w[i & 3], a.threshold) ? a.scale : S(0));
+          const S d = math::dropout(static_cast<S>(a.x[i]), philox::keep(words(i), a.threshold) ? a.scale : S(0));
           a.y[i] = static_cast<T>(d);
           acc[k] = acc[k] + d;
         }
@@ -254,6 +270,132 @@ FUSEDOPT_HD inline void dbias_reduce_thread(int64_t block, int64_t thread, int64
   const int64_t count = row_blocks(a.n / a.h).count;
   for (int64_t c = block * threads + thread; c < a.h; c += grid * threads)
     a.y[c] = static_cast<T>(dbias_column<T>(a.partial, count, a.h, c));
+}
+
+// Note [Strided CUDA dropout]
+// A dense, non-contiguous x (Note [Strided dropout] in fusedopt/dropout.h) and
+// its output y share strides; dims[unit] has stride 1. Element (o, j, r) (o
+// over the dimensions before `unit`, j along it, r over those after it) has
+// logical index (o·J + j)·P + r, J = sizes[unit], P the product after it.
+// - Rows (unit last, P = 1): a unit of work is 4 consecutive j of one row o,
+//   consecutive in memory and in the logical order, so the threads of a warp
+//   touch consecutive memory and draw consecutive blocks.
+// - Tiles: a block takes kTileJ j × kTileR r of one o. First each thread draws
+//   the keep bits of kRunR consecutive r of one j (a run of the logical order:
+//   each Philox block is drawn once, or twice where a run starts inside one)
+//   into shared memory; then each warp takes one r at a time, its lanes the 32
+//   j, which lie side by side in memory, and reads its bit there. So the
+//   loads and stores are coalesced and no block is drawn per element.
+// The grid emulation runs both phases of every thread of a block in turn, as
+// __syncthreads orders them on the GPU.
+constexpr int kMaxDims = 8;  // merged dimensions; more take the copies
+constexpr int kTileJ = 32;   // a warp
+constexpr int kTileR = 128;
+constexpr int kRunR = kTileJ * kTileR / static_cast<int>(kThreads);  // r a thread draws: 16
+static_assert(kRunR <= 32, "a thread's run of bits is one word");
+
+template <typename T>
+struct StridedArgs {
+  using S = typename OpMath<T>::type;
+  const T* x = nullptr;
+  T* y = nullptr;
+  uint64_t seed = 0, offset = 0, threshold = 0;
+  S scale = 0;
+  int dims = 0, unit = 0;
+  int64_t sizes[kMaxDims] = {}, strides[kMaxDims] = {};
+  int64_t outer = 1, j_size = 1, inner = 1;  // O, J, P
+  int64_t units = 0;  // rows: O·ceil(J / 4) units of 4 j; tiles: O·ceil(J / kTileJ)·ceil(P / kTileR) tiles
+};
+
+// The memory offset of index q over dimensions [lo, hi), row-major.
+template <typename T>
+FUSEDOPT_HD inline int64_t strided_offset(const StridedArgs<T>& a, int lo, int hi, int64_t q) {
+  int64_t off = 0;
+  for (int d = hi - 1; d >= lo; --d) {
+    off += (q % a.sizes[d]) * a.strides[d];
+    q /= a.sizes[d];
+  }
+  return off;
+}
+
+template <typename T>
+FUSEDOPT_HD inline void strided_element(const StridedArgs<T>& a, int64_t m, bool keep) {
+  using S = typename StridedArgs<T>::S;
+  a.y[m] = static_cast<T>(math::dropout(static_cast<S>(a.x[m]), keep ? a.scale : S(0)));
+}
+
+template <typename T>
+FUSEDOPT_HD inline void strided_rows_thread(int64_t block, int64_t thread, int64_t threads, int64_t grid,
+                                            const StridedArgs<T>& a) {
+  const int64_t per_row = ceil_div(a.j_size, 4);
+  for (int64_t u = block * threads + thread; u < a.units; u += grid * threads) {
+    const int64_t o = u / per_row, j0 = (u - o * per_row) * 4;
+    const int64_t m0 = strided_offset(a, 0, a.unit, o) + j0;
+    const auto i0 = static_cast<uint64_t>(o * a.j_size + j0);
+    BlockWords words(a.seed, a.offset);
+    for (int k = 0; k < 4 && j0 + k < a.j_size; ++k)
+      strided_element(a, m0 + k, philox::keep(words(i0 + k), a.threshold));
+  }
+}
+
+// A tile's keep bits: bits[jl][q] bit k = r kRunR·q + k of j jl. A row of 9
+// words, so that the 32 lanes of a warp, reading word q of rows 0..31, hit 32
+// different banks (9 and 32 are coprime).
+struct TileBits {
+  uint32_t bits[kTileJ][kTileR / kRunR + 1];
+};
+
+struct Tile {
+  int64_t o, j0, r0;
+};
+
+template <typename T>
+FUSEDOPT_HD inline Tile tile_at(const StridedArgs<T>& a, int64_t tile) {
+  const int64_t rt = ceil_div(a.inner, kTileR), jt = ceil_div(a.j_size, kTileJ);
+  const int64_t r = tile % rt, rest = tile / rt;
+  return {rest / jt, rest % jt * kTileJ, r * kTileR};
+}
+
+// Phase one: thread t draws the bits of r [r0 + kRunR·q, + kRunR) of j j0 + jl, t = jl·(kTileR / kRunR) + q.
+template <typename T>
+FUSEDOPT_HD inline void strided_tile_draw(int64_t tile, int64_t thread, const StridedArgs<T>& a, TileBits& sh) {
+  const Tile t = tile_at(a, tile);
+  const int jl = static_cast<int>(thread) / (kTileR / kRunR), q = static_cast<int>(thread) % (kTileR / kRunR);
+  const int64_t j = t.j0 + jl, r = t.r0 + int64_t(kRunR) * q;
+  uint32_t bits = 0;
+  if (j < a.j_size) {
+    const auto i0 = static_cast<uint64_t>((t.o * a.j_size + j) * a.inner + r);
+    BlockWords words(a.seed, a.offset);
+    for (int k = 0; k < kRunR && r + k < a.inner; ++k)
+      bits |= static_cast<uint32_t>(philox::keep(words(i0 + k), a.threshold)) << k;
+  }
+  sh.bits[jl][q] = bits;
+}
+
+// Phase two: warp w takes r = r0 + w, r0 + w + warps, ...; lane l the element of j j0 + l. kOneR: r is one
+// dimension (channels_last, a transpose), whose offset is r times its stride, without a division.
+template <bool kOneR, typename T>
+FUSEDOPT_HD inline void strided_tile_apply(int64_t tile, int64_t thread, const StridedArgs<T>& a,
+                                           const TileBits& sh) {
+  const Tile t = tile_at(a, tile);
+  const int lane = static_cast<int>(thread) % kTileJ, warp = static_cast<int>(thread) / kTileJ;
+  const int64_t j = t.j0 + lane;
+  if (j >= a.j_size) return;
+  const int64_t m0 = strided_offset(a, 0, a.unit, t.o) + j;
+  for (int rr = warp; rr < kTileR && t.r0 + rr < a.inner; rr += static_cast<int>(kThreads) / kTileJ) {
+    const int64_t r = t.r0 + rr;
+    strided_element(a, m0 + (kOneR ? r * a.strides[a.unit + 1] : strided_offset(a, a.unit + 1, a.dims, r)),
+                    (sh.bits[lane][rr / kRunR] >> (rr % kRunR)) & 1u);
+  }
+}
+
+// Calls f(std::bool_constant<kOneR>) for the layout of a (a tiled one).
+template <typename T, typename F>
+inline void with_one_r(const StridedArgs<T>& a, const F& f) {
+  if (a.unit + 2 == a.dims)
+    f(std::true_type{});
+  else
+    f(std::false_type{});
 }
 
 // Packed keep bits: bit k of byte j = keep of element 8j + k. A unit is one
