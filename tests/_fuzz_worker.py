@@ -266,6 +266,8 @@ def run_dropout(op, args, isa, last_call):
         x0 = before[0].view(x.dtype).view(x.shape)  # x's values in logical order, contiguous
         got = x if op == "dropout_" else out
         assert torch.equal(bits(got), bits(OPS.dropout(x0, *args[1:]))), f"{op} differs from a contiguous input"
+    if op == "dropout":  # the CUDA bodies, grid-emulated (a transposed x: Note [Strided CUDA dropout])
+        assert torch.equal(bits(OPS._gridemu_dropout(*args, 3)), bits(out)), "the grid emulation differs"
     if op == "dropout_keep_bits":
         assert out.shape == ((x.numel() + 7) // 8,) and out.dtype == torch.uint8
     elif op == "bias_dropout_add_backward":
