@@ -309,6 +309,7 @@ class FusedOptimizer(Optimizer):
                         return False
         return True
 
+
 def zero_numbering(zero):
     """Note [ZeRO numbering]
     torch.distributed.optim.ZeroRedundancyOptimizer gives each rank a local optimizer of its share of the
@@ -316,8 +317,9 @@ def zero_numbering(zero):
     masks and stochastic rounding bits, drawn from stream j, are not those of one process stepping every
     parameter. zero_numbering(zero) makes zero's local fusedopt optimizer number each parameter as zero's
     state_dict does (all ranks' parameters, group by group: ZeroRedundancyOptimizer._param_to_index, which
-    that numbering is), so masked or stochastically rounded ZeRO training equals single-process training bit
-    for bit, given the same grad_mask_seed on every rank. Call it once, after making zero, on every rank."""
+    that numbering is), so masked ZeRO training equals masked single-process training bit for bit, given the
+    same grad_mask_seed on every rank (tests/test_distributed.py), and stochastic rounding draws the bits of
+    the same numbers. Call it once, after making zero, on every rank."""
     local = getattr(zero, "optim", None)
     if not isinstance(local, FusedOptimizer):
         raise TypeError("zero_numbering: expected a torch.distributed.optim.ZeroRedundancyOptimizer whose "
