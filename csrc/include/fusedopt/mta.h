@@ -34,7 +34,10 @@
 // No host synchronisation: grad_scale and found_inf are read the same way.
 // After the update launches, one small kernel advances every step by one unless
 // found_inf is set (a kernel cannot advance a step that later blocks of the
-// same tensor still have to read).
+// same tensor still have to read). The CPU ops, which read the steps on the
+// host, refuse one that is not a whole number >= 0; the device cannot raise
+// without a host sync, and truncates it. What guards a checkpoint's steps on
+// both is load_state_dict's check (Note [Checked state_dict], fusedopt/optim/_base.py).
 #include <ATen/ATen.h>
 
 #include <algorithm>
