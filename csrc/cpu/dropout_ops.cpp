@@ -128,14 +128,13 @@ struct EmuRun {
       const auto a = strided_args<scalar_t>(c);
       if (a.unit == a.dims - 1) return launch(a.units, a, dropout::strided_rows_thread<scalar_t>);
       const int64_t grid = std::min(a.units, max_grid);
-      dropout::with_one_r(a, [&](auto one_r) {
+      FUSEDOPT_BOOL_SWITCH(a.unit + 2 == a.dims, ONE_R, [&] {
         at::parallel_for(0, grid, 1, [&](int64_t lo, int64_t hi) {
           dropout::TileBits sh;
           for (int64_t b = lo; b < hi; ++b)
             for (int64_t tile = b; tile < a.units; tile += grid) {
               for (int64_t t = 0; t < dropout::kThreads; ++t) dropout::strided_tile_draw(tile, t, a, sh);
-              for (int64_t t = 0; t < dropout::kThreads; ++t)
-                dropout::strided_tile_apply<decltype(one_r)::value>(tile, t, a, sh);
+              for (int64_t t = 0; t < dropout::kThreads; ++t) dropout::strided_tile_apply<ONE_R>(tile, t, a, sh);
             }
         });
       });

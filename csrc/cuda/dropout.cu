@@ -63,8 +63,8 @@ struct CudaRun {
       if (a.unit == a.dims - 1)
         return launch<dropout::StridedArgs<scalar_t>, dropout::strided_rows_thread<scalar_t>>(a.units, a);
       const int64_t grid = std::min(a.units, max_grid());
-      dropout::with_one_r(a, [&](auto one_r) {
-        strided_tiles_kernel<decltype(one_r)::value, scalar_t>
+      FUSEDOPT_BOOL_SWITCH(a.unit + 2 == a.dims, ONE_R, [&] {
+        strided_tiles_kernel<ONE_R, scalar_t>
             <<<static_cast<unsigned>(grid), dropout::kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });

@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -118,26 +117,6 @@ struct Args {
   bool vec = false;
 };
 
-// The Philox words of a draw, element by element, for a thread that walks
-// elements in increasing logical order: each block is computed once per run
-// of its elements.
-class BlockWords {
- public:
-  FUSEDOPT_HD BlockWords(uint64_t seed, uint64_t offset) : seed_(seed), offset_(offset) {}
-  FUSEDOPT_HD uint32_t operator()(uint64_t i) {
-    if ((i >> 2) != g_) {
-      g_ = i >> 2;
-      w_ = philox::block(seed_, offset_, g_);
-    }
-    return w_.w[i & 3];
-  }
-
- private:
-  uint64_t seed_, offset_;
-  uint64_t g_ = ~uint64_t(0);
-  philox::Words w_{};
-};
-
 // m[k] for the U elements of the unit starting at i0 (a multiple of 4).
 template <typename T>
 FUSEDOPT_HD inline void unit_keep(const Args<T>& a, int64_t i0, typename Args<T>::S (&m)[unit_elems<T>()]) {
@@ -242,10 +221,10 @@ FUSEDOPT_HD inline void dbias_partial_thread(int64_t block, int64_t thread, int6
         }
         store_unit(a.y + i0, v);
       } else {
-        BlockWords words(a.seed, a.offset);
+        const uint32_t keep = philox::keep_run<U>(a.seed, a.offset, a.threshold, static_cast<uint64_t>(i0));
         for (int k = 0; k < cn; ++k) {
-          const uint64_t i = static_cast<uint64_t>(i0 + k);
-          const S d = math::dropout(static_cast<S>(a.x[i]), philox::keep(words(i), a.threshold) ? a.scale : S(0));
+          const int64_t i = i0 + k;
+          const S d = math::dropout(static_cast<S>(a.x[i]), (keep >> k & 1u) ? a.scale : S(0));
           a.y[i] = static_cast<T>(d);
           acc[k] = acc[k] + d;
         }
@@ -281,11 +260,12 @@ FUSEDOPT_HD inline void dbias_reduce_thread(int64_t block, int64_t thread, int64
 //   consecutive in memory and in the logical order, so the threads of a warp
 //   touch consecutive memory and draw consecutive blocks.
 // - Tiles: a block takes kTileJ j × kTileR r of one o. First each thread draws
-//   the keep bits of kRunR consecutive r of one j (a run of the logical order:
-//   each Philox block is drawn once, or twice where a run starts inside one)
-//   into shared memory; then each warp takes one r at a time, its lanes the 32
-//   j, which lie side by side in memory, and reads its bit there. So the
-//   loads and stores are coalesced and no block is drawn per element.
+//   the keep bits of kRunR consecutive r of one j (a run of the logical order,
+//   philox::keep_run: each Philox block is drawn once, or twice where a run
+//   starts inside one) into shared memory; then each warp takes one r at a
+//   time, its lanes the 32 j, which lie side by side in memory, and reads its
+//   bit there. So the loads and stores are coalesced and no block is drawn per
+//   element.
 // The grid emulation runs both phases of every thread of a block in turn, as
 // __syncthreads orders them on the GPU.
 constexpr int kMaxDims = 8;  // merged dimensions; more take the copies
@@ -332,9 +312,8 @@ FUSEDOPT_HD inline void strided_rows_thread(int64_t block, int64_t thread, int64
     const int64_t o = u / per_row, j0 = (u - o * per_row) * 4;
     const int64_t m0 = strided_offset(a, 0, a.unit, o) + j0;
     const auto i0 = static_cast<uint64_t>(o * a.j_size + j0);
-    BlockWords words(a.seed, a.offset);
-    for (int k = 0; k < 4 && j0 + k < a.j_size; ++k)
-      strided_element(a, m0 + k, philox::keep(words(i0 + k), a.threshold));
+    const uint32_t keep = philox::keep_run<4>(a.seed, a.offset, a.threshold, i0);
+    for (int k = 0; k < 4 && j0 + k < a.j_size; ++k) strided_element(a, m0 + k, keep >> k & 1u);
   }
 }
 
@@ -363,11 +342,9 @@ FUSEDOPT_HD inline void strided_tile_draw(int64_t tile, int64_t thread, const St
   const int jl = static_cast<int>(thread) / (kTileR / kRunR), q = static_cast<int>(thread) % (kTileR / kRunR);
   const int64_t j = t.j0 + jl, r = t.r0 + int64_t(kRunR) * q;
   uint32_t bits = 0;
-  if (j < a.j_size) {
+  if (j < a.j_size && r < a.inner) {  // the bits past the tile's last r (later elements') are never read
     const auto i0 = static_cast<uint64_t>((t.o * a.j_size + j) * a.inner + r);
-    BlockWords words(a.seed, a.offset);
-    for (int k = 0; k < kRunR && r + k < a.inner; ++k)
-      bits |= static_cast<uint32_t>(philox::keep(words(i0 + k), a.threshold)) << k;
+    bits = philox::keep_run<kRunR>(a.seed, a.offset, a.threshold, i0);
   }
   sh.bits[jl][q] = bits;
 }
@@ -387,15 +364,6 @@ FUSEDOPT_HD inline void strided_tile_apply(int64_t tile, int64_t thread, const S
     strided_element(a, m0 + (kOneR ? r * a.strides[a.unit + 1] : strided_offset(a, a.unit + 1, a.dims, r)),
                     (sh.bits[lane][rr / kRunR] >> (rr % kRunR)) & 1u);
   }
-}
-
-// Calls f(std::bool_constant<kOneR>) for the layout of a (a tiled one).
-template <typename T, typename F>
-inline void with_one_r(const StridedArgs<T>& a, const F& f) {
-  if (a.unit + 2 == a.dims)
-    f(std::true_type{});
-  else
-    f(std::false_type{});
 }
 
 // Packed keep bits: bit k of byte j = keep of element 8j + k. A unit is one

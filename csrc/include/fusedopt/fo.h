@@ -7,8 +7,10 @@
 
 #if defined(__CUDACC__)
 #define FUSEDOPT_HD __host__ __device__
+#define FUSEDOPT_UNROLL _Pragma("unroll")
 #else
 #define FUSEDOPT_HD
+#define FUSEDOPT_UNROLL
 #endif
 
 namespace fusedopt {

@@ -55,12 +55,6 @@
 #include "fusedopt/math/sgd.h"
 #include "fusedopt/philox.h"
 
-#if defined(__CUDACC__)
-#define FUSEDOPT_UNROLL _Pragma("unroll")
-#else
-#define FUSEDOPT_UNROLL
-#endif
-
 namespace fusedopt {
 namespace mta {
 
@@ -218,24 +212,6 @@ FUSEDOPT_HD inline void store_group(T* p, const Group<T, G>& g) {
 #endif
 }
 
-// Keep bits of elements i .. i + G - 1 of a gradient mask (i counted in the
-// whole parameter, Note [Shard offsets]), bit e for element i + e. G % 4 == 0:
-// G / 4 Philox blocks, and one more when i does not start a block.
-template <int G>
-FUSEDOPT_HD inline uint32_t keep_bits(const math::Common& c, uint64_t offset, uint64_t i) {
-  static_assert(G % 4 == 0 && G <= 28, "a mask group is whole Philox blocks, its bits one word");
-  const int lag = static_cast<int>(i & 3);
-  uint32_t bits = 0;
-  FUSEDOPT_UNROLL
-  for (int b = 0; b <= G / 4; ++b) {
-    if (b == G / 4 && lag == 0) break;
-    const philox::Words w = philox::block(c.seed, offset, (i >> 2) + b);
-    FUSEDOPT_UNROLL
-    for (int k = 0; k < 4; ++k) bits |= static_cast<uint32_t>(philox::keep(w.w[k], c.threshold)) << (4 * b + k);
-  }
-  return bits >> lag;
-}
-
 // The rounding halves of Philox blocks g .. g + B - 1 of a rounding stream
 // (Note [Rounding stream]): out[8b + h] for element 8(g + b) + h.
 template <int B>
@@ -332,7 +308,7 @@ FUSEDOPT_HD inline void optimizer_chunk(const A& a, int64_t block, int64_t tid, 
       }
     }
     const auto at = static_cast<uint64_t>(base + i);  // in the whole parameter
-    const uint32_t bits = MASK ? keep_bits<G>(a.common, offset, at) : 0;
+    const uint32_t bits = MASK ? philox::keep_run<G>(a.common.seed, offset, a.common.threshold, at) : 0;
     uint16_t u[SR ? G : 8];
     if constexpr (SR) rounding_bits<G>(a.common.seed, philox::rounding_offset(t, index), at, u);
     FUSEDOPT_UNROLL

@@ -61,6 +61,25 @@ FUSEDOPT_HD inline bool keep_element(uint64_t seed, uint64_t offset, uint64_t i,
   return keep(block(seed, offset, i >> 2).w[i & 3], threshold);
 }
 
+// Keep bits of the G consecutive elements i .. i + G - 1 of the draw (seed,
+// offset), bit e for element i + e: a gradient mask's group (i counted in the
+// whole parameter, Note [Shard offsets]), a run of a strided dropout. G % 4 ==
+// 0: G / 4 Philox blocks, and one more when i does not start a block.
+template <int G>
+FUSEDOPT_HD inline uint32_t keep_run(uint64_t seed, uint64_t offset, uint64_t threshold, uint64_t i) {
+  static_assert(G % 4 == 0 && G <= 28, "a run is whole Philox blocks, its bits one word");
+  const int lag = static_cast<int>(i & 3);
+  uint32_t bits = 0;
+  FUSEDOPT_UNROLL
+  for (int b = 0; b <= G / 4; ++b) {
+    if (b == G / 4 && lag == 0) break;
+    const Words w = block(seed, offset, (i >> 2) + b);
+    FUSEDOPT_UNROLL
+    for (int k = 0; k < 4; ++k) bits |= static_cast<uint32_t>(keep(w.w[k], threshold)) << (4 * b + k);
+  }
+  return bits >> lag;
+}
+
 // Note [Gradient mask stream]
 // Gradient masking in the optimizers draws element i of parameter j at step t
 // (1-based) from the stream offset t * 2^24 + j: masks differ per step and per
