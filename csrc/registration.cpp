@@ -94,8 +94,9 @@ TORCH_LIBRARY_FRAGMENT(fusedopt, m) {
   m.def("dropout_keep_bits(Tensor x, float p, Tensor draw) -> Tensor");
   // Tests only: Philox4x32-10 of int64 [n, 4] counter words under the key (seed lo, seed hi)
   m.def("_philox(Tensor counters, int seed) -> Tensor");
-  // Tests only: the CUDA bodies run on the host over the CUDA launch plan, the grid capped at max_grid
-  m.def("_gridemu_dropout(Tensor x, float p, Tensor draw, int max_grid) -> Tensor");
+  // Tests only: the CUDA bodies run on the host over the CUDA launch plan, the grid capped at max_grid;
+  // wide_index: the strided bodies' 64-bit index arithmetic, which the GPU takes from 2^31 elements
+  m.def("_gridemu_dropout(Tensor x, float p, Tensor draw, int max_grid, bool wide_index=False) -> Tensor");
   m.def("_gridemu_bias_dropout_add(Tensor x, Tensor bias, Tensor residual, float p, Tensor draw, "
         "int max_grid) -> Tensor");
   m.def("_gridemu_bias_dropout_add_backward(Tensor grad, float p, Tensor draw, int max_grid) -> "

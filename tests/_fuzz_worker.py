@@ -267,7 +267,9 @@ def run_dropout(op, args, isa, last_call):
         got = x if op == "dropout_" else out
         assert torch.equal(bits(got), bits(OPS.dropout(x0, *args[1:]))), f"{op} differs from a contiguous input"
     if op == "dropout":  # the CUDA bodies, grid-emulated (a transposed x: Note [Strided CUDA dropout])
-        assert torch.equal(bits(OPS._gridemu_dropout(*args, 3)), bits(out)), "the grid emulation differs"
+        for wide in (False, True):
+            emu = OPS._gridemu_dropout(*args, 3, wide)
+            assert torch.equal(bits(emu), bits(out)), f"the grid emulation differs (wide_index={wide})"
     if op == "dropout_keep_bits":
         assert out.shape == ((x.numel() + 7) // 8,) and out.dtype == torch.uint8
     elif op == "bias_dropout_add_backward":

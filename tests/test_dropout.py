@@ -451,7 +451,9 @@ def test_inplace_is_the_out_of_place_result(isa, dtype, n, use_isa):
 # Dense layouts that are not contiguous, walked through their strides (Note [Strided dropout]; their stride-1
 # dimension is 64 bytes or more in every dtype): rows (the stride-1 dimension last) and tiles (it is not), with
 # 64-wide tiles cut short (33, 40, 70, 130), runs of r drawn up front (< 1024) and along the walk (1500, 2000,
-# 2145, 5000: Note [Strided walk]), size-1 dimensions, and dimensions that merge. Shorter stride-1 dimensions are copied (NON_CONTIGUOUS above).
+# 2145, 5000: Note [Strided walk]), size-1 dimensions, and dimensions that merge. Rows whose starts are 16-byte
+# aligned take the CUDA bodies' 16-byte path (heads_merged, long_rows; rows_66 in float64 only, with a short last
+# unit), rows_offset is not aligned at all. Shorter stride-1 dimensions are copied (NON_CONTIGUOUS above).
 STRIDED = {
     "channels_last_40ch": lambda d: rand((2, 40, 4, 5), d).to(memory_format=torch.channels_last),
     "channels_last_70ch": lambda d: rand((3, 70, 9, 13), d).to(memory_format=torch.channels_last),
@@ -464,6 +466,8 @@ STRIDED = {
     "heads": lambda d: rand((4, 37, 5, 67), d).transpose(1, 2),
     "heads_merged": lambda d: rand((6, 4, 8, 80), d).permute(1, 0, 2, 3),
     "long_rows": lambda d: rand((3, 2, 40000), d).transpose(0, 1),  # rows cut into pieces (Note [Strided walk])
+    "rows_66": lambda d: rand((3, 4, 66), d).transpose(0, 1),
+    "rows_offset": lambda d: rand((6 * 4 * 8 * 80 + 1,), d)[1:].view(6, 4, 8, 80).permute(1, 0, 2, 3),
     "permuted": lambda d: rand((3, 5, 7, 40), d).permute(2, 0, 3, 1),
     "size_one_dims": lambda d: rand((1, 7, 1, 33), d).permute(3, 2, 1, 0),
     "narrow_tiles": lambda d: rand((2, 2000, 33), d).transpose(1, 2),
@@ -516,17 +520,19 @@ def test_strided_input_does_not_depend_on_the_thread_count():
 @pytest.mark.parametrize("layout", list(STRIDED) + ["nine_dims"])
 def test_gridemu_strided(dtype, layout):
     """The CUDA runner's strided bodies (Note [Strided CUDA dropout]): rows and tiles (tiles cut short in j and
-    r, grids smaller than the tiles), bit for bit the CPU's walk; more than 8 merged dimensions take the
-    copies."""
+    r, grids smaller than the tiles), with 32-bit and 64-bit index arithmetic, bit for bit the CPU's walk; more
+    than 8 merged dimensions take the copies."""
     if layout == "nine_dims":  # no two neighbours merge
         x = rand((2,) * 8 + (16,), dtype).permute(8, 0, 2, 4, 6, 1, 3, 5, 7)
     else:
         x = STRIDED[layout](dtype)
     for grid in [1, 3, 100000]:
         for p in [0.0, 0.3, 1.0]:
-            y = OPS._gridemu_dropout(x, p, draw(SEED, OFFSETS[1]), grid)
-            assert y.stride() == x.stride()
-            assert_bitwise(y, OPS.dropout(x, p, draw(SEED, OFFSETS[1])), f"grid={grid} p={p}")
+            want = OPS.dropout(x, p, draw(SEED, OFFSETS[1]))
+            for wide in [False, True]:
+                y = OPS._gridemu_dropout(x, p, draw(SEED, OFFSETS[1]), grid, wide)
+                assert y.stride() == x.stride()
+                assert_bitwise(y, want, f"grid={grid} p={p} wide_index={wide}")
 
 
 def test_inplace_non_contiguous_input_follows_the_logical_index():

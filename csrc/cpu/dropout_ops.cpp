@@ -101,10 +101,12 @@ at::Tensor philox(const at::Tensor& counters, int64_t seed) {
 
 // Grid emulation: the CUDA runner's launches (csrc/cuda/dropout.cu), with the
 // grid capped at `max_grid` blocks instead of 8 per SM, each launch's blocks
-// and threads walked on the host.
+// and threads walked on the host. `wide_index`: the strided bodies take
+// 64-bit index arithmetic, which the GPU takes only for 2^31 elements or more.
 struct EmuRun {
   static constexpr int kMaxStridedDims = dropout::kMaxDims;
   int64_t max_grid;
+  bool wide_index = false;
 
   template <typename A, typename Body>
   void launch(int64_t units, const A& a, const Body& body) const {
@@ -126,18 +128,22 @@ struct EmuRun {
   void dropout_strided(const DropoutCall& c) const {
     FUSEDOPT_DISPATCH_FLOATING(c.dtype, "_gridemu_dropout", [&] {
       const auto a = strided_args<scalar_t>(c);
-      if (a.unit == a.dims - 1) return launch(a.units, a, dropout::strided_rows_thread<scalar_t>);
-      const int64_t grid = std::min(a.units, max_grid);
-      FUSEDOPT_BOOL_SWITCH(a.unit + 2 == a.dims, ONE_R, [&] {
-        at::parallel_for(0, grid, 1, [&](int64_t lo, int64_t hi) {
-          dropout::TileBits sh;
-          for (int64_t b = lo; b < hi; ++b)
-            for (int64_t tile = b; tile < a.units; tile += grid) {
-              for (int64_t t = 0; t < dropout::kThreads; ++t) dropout::strided_tile_draw(tile, t, a, sh);
-              for (int64_t t = 0; t < dropout::kThreads; ++t) dropout::strided_tile_apply<ONE_R>(tile, t, a, sh);
-            }
-        });
-      });
+      strided_bodies(
+          a, wide_index,
+          [&](auto index) { launch(a.units, a, dropout::strided_rows_thread<decltype(index), scalar_t>); },
+          [&](auto index, auto one_r) {
+            using I = decltype(index);
+            const int64_t grid = std::min(a.units, max_grid);
+            at::parallel_for(0, grid, 1, [&](int64_t lo, int64_t hi) {
+              dropout::TileBits sh;
+              for (int64_t b = lo; b < hi; ++b)
+                for (int64_t tile = b; tile < a.units; tile += grid) {
+                  for (int64_t t = 0; t < dropout::kThreads; ++t) dropout::strided_tile_draw<I>(tile, t, a, sh);
+                  for (int64_t t = 0; t < dropout::kThreads; ++t)
+                    dropout::strided_tile_apply<decltype(one_r)::value, I>(tile, t, a, sh);
+                }
+            });
+          });
     });
   }
   void bias_dropout_add(const DropoutCall& c) const {
@@ -163,9 +169,9 @@ void check_grid(int64_t max_grid) {
   TORCH_CHECK(max_grid >= 1, "_gridemu: max_grid must be at least 1, got ", max_grid);
 }
 
-at::Tensor emu_dropout(const at::Tensor& x, double p, const at::Tensor& draw, int64_t max_grid) {
+at::Tensor emu_dropout(const at::Tensor& x, double p, const at::Tensor& draw, int64_t max_grid, bool wide_index) {
   check_grid(max_grid);
-  return dropout_op("_gridemu_dropout", kCPU, EmuRun{max_grid}, x, p, draw);
+  return dropout_op("_gridemu_dropout", kCPU, EmuRun{max_grid, wide_index}, x, p, draw);
 }
 at::Tensor emu_bias_dropout_add(const at::Tensor& x, const at::Tensor& bias, const at::Tensor& residual, double p,
                                 const at::Tensor& draw, int64_t max_grid) {

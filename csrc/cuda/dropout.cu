@@ -22,13 +22,13 @@ __global__ void __launch_bounds__(dropout::kThreads) dropout_kernel(A a) {
 
 // Note [Strided CUDA dropout]: one block a tile, grid-stride; the draw phase
 // fills the tile's bits in shared memory, the apply phase reads them.
-template <bool kOneR, typename T>
+template <bool kOneR, typename I, typename T>
 __global__ void __launch_bounds__(dropout::kThreads) strided_tiles_kernel(const dropout::StridedArgs<T> a) {
   __shared__ dropout::TileBits sh;
   for (int64_t tile = blockIdx.x; tile < a.units; tile += gridDim.x) {
-    dropout::strided_tile_draw(tile, threadIdx.x, a, sh);
+    dropout::strided_tile_draw<I>(tile, threadIdx.x, a, sh);
     __syncthreads();
-    dropout::strided_tile_apply<kOneR>(tile, threadIdx.x, a, sh);
+    dropout::strided_tile_apply<kOneR, I>(tile, threadIdx.x, a, sh);
     __syncthreads();  // before the next tile's draw overwrites the bits
   }
 }
@@ -59,15 +59,17 @@ struct CudaRun {
   }
   void dropout_strided(const DropoutCall& c) const {
     FUSEDOPT_DISPATCH_FLOATING(c.dtype, "dropout", [&] {
-      const auto a = strided_args<scalar_t>(c);
-      if (a.unit == a.dims - 1)
-        return launch<dropout::StridedArgs<scalar_t>, dropout::strided_rows_thread<scalar_t>>(a.units, a);
-      const int64_t grid = std::min(a.units, max_grid());
-      FUSEDOPT_BOOL_SWITCH(a.unit + 2 == a.dims, ONE_R, [&] {
-        strided_tiles_kernel<ONE_R, scalar_t>
-            <<<static_cast<unsigned>(grid), dropout::kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+      using A = dropout::StridedArgs<scalar_t>;
+      const A a = strided_args<scalar_t>(c);
+      strided_bodies(
+          a, false,
+          [&](auto index) { launch<A, dropout::strided_rows_thread<decltype(index), scalar_t>>(a.units, a); },
+          [&](auto index, auto one_r) {
+            const int64_t grid = std::min(a.units, max_grid());
+            strided_tiles_kernel<decltype(one_r)::value, decltype(index), scalar_t>
+                <<<static_cast<unsigned>(grid), dropout::kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
     });
   }
   void bias_dropout_add(const DropoutCall& c) const {

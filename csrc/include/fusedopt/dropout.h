@@ -13,12 +13,14 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 
+#include "fusedopt/dispatch.h"
 #include "fusedopt/dropout_body.h"
 #include "fusedopt/philox.h"
 
@@ -357,10 +359,25 @@ dropout::StridedArgs<T> strided_args(const DropoutCall& c) {
     if (d > a.unit) a.inner *= s.sizes[d];
   }
   a.j_size = s.sizes[a.unit];
-  a.units = a.unit == a.dims - 1
-                ? a.outer * dropout::ceil_div(a.j_size, 4)
-                : a.outer * dropout::ceil_div(a.j_size, dropout::kTileJ) * dropout::ceil_div(a.inner, dropout::kTileR);
+  const bool rows = a.unit == a.dims - 1;
+  a.units = rows ? a.outer * dropout::ceil_div(a.j_size, dropout::unit_elems<T>())
+                 : a.outer * dropout::ceil_div(a.j_size, dropout::kTileJ) * dropout::ceil_div(a.inner, dropout::kTileR);
+  a.vec = rows && aligned16(a.x) && aligned16(a.y);
+  for (int d = 0; d < a.unit; ++d) a.vec = a.vec && a.strides[d] * static_cast<int64_t>(sizeof(T)) % 16 == 0;
   return a;
+}
+
+// Runs a strided call's bodies (Note [Strided CUDA dropout]) through a
+// runner's shells: rows(I{}), or tiles(I{}, std::bool_constant<kOneR>{}),
+// with the index type I that covers the call (uint64_t if `wide`, which the
+// grid emulation asks for to test that path on small tensors).
+template <typename T, typename Rows, typename Tiles>
+void strided_bodies(const dropout::StridedArgs<T>& a, bool wide, const Rows& rows, const Tiles& tiles) {
+  FUSEDOPT_BOOL_SWITCH(!wide && dropout::narrow_index(a), NARROW, [&] {
+    using I = std::conditional_t<NARROW, uint32_t, uint64_t>;
+    if (a.unit == a.dims - 1) return rows(I{});
+    FUSEDOPT_BOOL_SWITCH(a.unit + 2 == a.dims, ONE_R, [&] { tiles(I{}, std::bool_constant<ONE_R>{}); });
+  });
 }
 
 inline dropout::BitsArgs bits_args(const DropoutCall& c, uint8_t* out) {

@@ -256,9 +256,11 @@ FUSEDOPT_HD inline void dbias_reduce_thread(int64_t block, int64_t thread, int64
 // its output y share strides; dims[unit] has stride 1. Element (o, j, r) (o
 // over the dimensions before `unit`, j along it, r over those after it) has
 // logical index (o·J + j)·P + r, J = sizes[unit], P the product after it.
-// - Rows (unit last, P = 1): a unit of work is 4 consecutive j of one row o,
-//   consecutive in memory and in the logical order, so the threads of a warp
-//   touch consecutive memory and draw consecutive blocks.
+// - Rows (unit last, P = 1): a unit of work is U = unit_elems<T>() consecutive
+//   j of one row o, consecutive in memory and in the logical order, so the
+//   threads of a warp touch consecutive memory and draw consecutive blocks.
+//   Where every row starts 16-byte aligned (`vec`), a whole unit moves with
+//   16-byte loads and stores, as the contiguous kernel's do.
 // - Tiles: a block takes kTileJ j × kTileR r of one o. First each thread draws
 //   the keep bits of kRunR consecutive r of one j (a run of the logical order,
 //   philox::keep_run: each Philox block is drawn once, or twice where a run
@@ -266,8 +268,20 @@ FUSEDOPT_HD inline void dbias_reduce_thread(int64_t block, int64_t thread, int64
 //   time, its lanes the 32 j, which lie side by side in memory, and reads its
 //   bit there. So the loads and stores are coalesced and no block is drawn per
 //   element.
+// - Index arithmetic (a unit's row and place in it, a tile's o, j and r, the
+//   memory offset of an index over several dimensions) is done in the
+//   unsigned type I: uint32_t where the tensor has fewer than 2^31 elements
+//   (narrow_index), which bounds every logical index and, the tensor being
+//   dense, every memory offset; else uint64_t. The GPU has no integer
+//   divider: nvcc's 64-bit division tests both operands' high words, divides
+//   inline in 32 bits when they are zero and else calls a subroutine of ~80
+//   instructions; the 32-bit type drops the test, the call and the 64-bit
+//   multiply-adds around each division. In the sm_90 SASS of
+//   csrc/cuda/dropout.cu (nvcc 13.0) the fp32 rows kernel has 584
+//   instructions and no call site against 944 and 8 in the 64-bit one, the
+//   tiles 952 and 760 (r over several dimensions, one) against 1536 and 1160.
 // The grid emulation runs both phases of every thread of a block in turn, as
-// __syncthreads orders them on the GPU.
+// __syncthreads orders them on the GPU, with either I.
 constexpr int kMaxDims = 8;  // merged dimensions; more take the copies
 constexpr int kTileJ = 32;   // a warp
 constexpr int kTileR = 128;
@@ -284,36 +298,51 @@ struct StridedArgs {
   int dims = 0, unit = 0;
   int64_t sizes[kMaxDims] = {}, strides[kMaxDims] = {};
   int64_t outer = 1, j_size = 1, inner = 1;  // O, J, P
-  int64_t units = 0;  // rows: O·ceil(J / 4) units of 4 j; tiles: O·ceil(J / kTileJ)·ceil(P / kTileR) tiles
+  int64_t units = 0;  // rows: O·ceil(J / U) units of U j; tiles: O·ceil(J / kTileJ)·ceil(P / kTileR) tiles
+  bool vec = false;  // rows: x and y 16-byte aligned, and every row start a multiple of 16 bytes from them
 };
 
-// The memory offset of index q over dimensions [lo, hi), row-major.
+// Whether 32-bit unsigned index arithmetic covers the call (Note [Strided CUDA dropout]).
 template <typename T>
-FUSEDOPT_HD inline int64_t strided_offset(const StridedArgs<T>& a, int lo, int hi, int64_t q) {
-  int64_t off = 0;
+inline bool narrow_index(const StridedArgs<T>& a) {
+  return a.outer * a.j_size * a.inner < (int64_t(1) << 31);
+}
+
+// The memory offset of index q over dimensions [lo, hi), row-major.
+template <typename I, typename T>
+FUSEDOPT_HD inline I strided_offset(const StridedArgs<T>& a, int lo, int hi, I q) {
+  I off = 0;
   for (int d = hi - 1; d >= lo; --d) {
-    off += (q % a.sizes[d]) * a.strides[d];
-    q /= a.sizes[d];
+    off += (q % static_cast<I>(a.sizes[d])) * static_cast<I>(a.strides[d]);
+    q /= static_cast<I>(a.sizes[d]);
   }
   return off;
 }
 
 template <typename T>
-FUSEDOPT_HD inline void strided_element(const StridedArgs<T>& a, int64_t m, bool keep) {
+FUSEDOPT_HD inline T dropped(const StridedArgs<T>& a, T x, bool keep) {
   using S = typename StridedArgs<T>::S;
-  a.y[m] = static_cast<T>(math::dropout(static_cast<S>(a.x[m]), keep ? a.scale : S(0)));
+  return static_cast<T>(math::dropout(static_cast<S>(x), keep ? a.scale : S(0)));
 }
 
-template <typename T>
+template <typename I, typename T>
 FUSEDOPT_HD inline void strided_rows_thread(int64_t block, int64_t thread, int64_t threads, int64_t grid,
                                             const StridedArgs<T>& a) {
-  const int64_t per_row = ceil_div(a.j_size, 4);
+  constexpr int U = unit_elems<T>();
+  const auto j_size = static_cast<I>(a.j_size), per_row = static_cast<I>(ceil_div(a.j_size, U));
   for (int64_t u = block * threads + thread; u < a.units; u += grid * threads) {
-    const int64_t o = u / per_row, j0 = (u - o * per_row) * 4;
-    const int64_t m0 = strided_offset(a, 0, a.unit, o) + j0;
-    const auto i0 = static_cast<uint64_t>(o * a.j_size + j0);
-    const uint32_t keep = philox::keep_run<4>(a.seed, a.offset, a.threshold, i0);
-    for (int k = 0; k < 4 && j0 + k < a.j_size; ++k) strided_element(a, m0 + k, keep >> k & 1u);
+    const auto q = static_cast<I>(u);
+    const I o = q / per_row, j0 = (q - o * per_row) * U;
+    const I m0 = strided_offset<I>(a, 0, a.unit, o) + j0;
+    const uint32_t keep = philox::keep_run<U>(a.seed, a.offset, a.threshold, static_cast<uint64_t>(o * j_size + j0));
+    if (a.vec && j0 + U <= j_size) {
+      T v[U];
+      load_unit(a.x + m0, v);
+      for (int k = 0; k < U; ++k) v[k] = dropped(a, v[k], keep >> k & 1u);
+      store_unit(a.y + m0, v);
+    } else {
+      for (int k = 0; k < U && j0 + k < j_size; ++k) a.y[m0 + k] = dropped(a, a.x[m0 + k], keep >> k & 1u);
+    }
   }
 }
 
@@ -324,45 +353,47 @@ struct TileBits {
   uint32_t bits[kTileJ][kTileR / kRunR + 1];
 };
 
+template <typename I>
 struct Tile {
-  int64_t o, j0, r0;
+  I o, j0, r0;
 };
 
-template <typename T>
-FUSEDOPT_HD inline Tile tile_at(const StridedArgs<T>& a, int64_t tile) {
-  const int64_t rt = ceil_div(a.inner, kTileR), jt = ceil_div(a.j_size, kTileJ);
-  const int64_t r = tile % rt, rest = tile / rt;
-  return {rest / jt, rest % jt * kTileJ, r * kTileR};
+template <typename I, typename T>
+FUSEDOPT_HD inline Tile<I> tile_at(const StridedArgs<T>& a, int64_t tile) {
+  const auto rt = static_cast<I>(ceil_div(a.inner, kTileR)), jt = static_cast<I>(ceil_div(a.j_size, kTileJ));
+  const auto q = static_cast<I>(tile);
+  const I rest = q / rt, o = rest / jt;
+  return {o, (rest - o * jt) * kTileJ, (q - rest * rt) * kTileR};
 }
 
 // Phase one: thread t draws the bits of r [r0 + kRunR·q, + kRunR) of j j0 + jl, t = jl·(kTileR / kRunR) + q.
-template <typename T>
+template <typename I, typename T>
 FUSEDOPT_HD inline void strided_tile_draw(int64_t tile, int64_t thread, const StridedArgs<T>& a, TileBits& sh) {
-  const Tile t = tile_at(a, tile);
+  const Tile<I> t = tile_at<I>(a, tile);
   const int jl = static_cast<int>(thread) / (kTileR / kRunR), q = static_cast<int>(thread) % (kTileR / kRunR);
-  const int64_t j = t.j0 + jl, r = t.r0 + int64_t(kRunR) * q;
+  const I j = t.j0 + jl, r = t.r0 + I(kRunR) * q;
   uint32_t bits = 0;
-  if (j < a.j_size && r < a.inner) {  // the bits past the tile's last r (later elements') are never read
-    const auto i0 = static_cast<uint64_t>((t.o * a.j_size + j) * a.inner + r);
-    bits = philox::keep_run<kRunR>(a.seed, a.offset, a.threshold, i0);
+  if (j < static_cast<I>(a.j_size) && r < static_cast<I>(a.inner)) {  // bits past the tile's last r are never read
+    const I i0 = (t.o * static_cast<I>(a.j_size) + j) * static_cast<I>(a.inner) + r;
+    bits = philox::keep_run<kRunR>(a.seed, a.offset, a.threshold, static_cast<uint64_t>(i0));
   }
   sh.bits[jl][q] = bits;
 }
 
 // Phase two: warp w takes r = r0 + w, r0 + w + warps, ...; lane l the element of j j0 + l. kOneR: r is one
 // dimension (channels_last, a transpose), whose offset is r times its stride, without a division.
-template <bool kOneR, typename T>
+template <bool kOneR, typename I, typename T>
 FUSEDOPT_HD inline void strided_tile_apply(int64_t tile, int64_t thread, const StridedArgs<T>& a,
                                            const TileBits& sh) {
-  const Tile t = tile_at(a, tile);
+  const Tile<I> t = tile_at<I>(a, tile);
   const int lane = static_cast<int>(thread) % kTileJ, warp = static_cast<int>(thread) / kTileJ;
-  const int64_t j = t.j0 + lane;
-  if (j >= a.j_size) return;
-  const int64_t m0 = strided_offset(a, 0, a.unit, t.o) + j;
-  for (int rr = warp; rr < kTileR && t.r0 + rr < a.inner; rr += static_cast<int>(kThreads) / kTileJ) {
-    const int64_t r = t.r0 + rr;
-    strided_element(a, m0 + (kOneR ? r * a.strides[a.unit + 1] : strided_offset(a, a.unit + 1, a.dims, r)),
-                    (sh.bits[lane][rr / kRunR] >> (rr % kRunR)) & 1u);
+  const I j = t.j0 + lane;
+  if (j >= static_cast<I>(a.j_size)) return;
+  const I m0 = strided_offset<I>(a, 0, a.unit, t.o) + j;
+  for (int rr = warp; rr < kTileR && t.r0 + rr < static_cast<I>(a.inner); rr += static_cast<int>(kThreads) / kTileJ) {
+    const I r = t.r0 + rr;
+    const I m = m0 + (kOneR ? r * static_cast<I>(a.strides[a.unit + 1]) : strided_offset<I>(a, a.unit + 1, a.dims, r));
+    a.y[m] = dropped(a, a.x[m], (sh.bits[lane][rr / kRunR] >> (rr % kRunR)) & 1u);
   }
 }
 
