@@ -52,8 +52,9 @@ def test_cli_writes_every_row(tmp_path, capsys):
         assert r["max_rel_diff_vs_fusedopt"] < 1e-5 if r["impl"] != "fusedopt" else "max_rel_diff_vs_fusedopt" not in r
     assert not any(r["impl"] == "torch fused" for r in rows if r["optimizer"] == "rmsprop")  # torch has none
     drop = {(r["case"], r["impl"]) for r in data["dropout"]}
-    for case in ("16M fp32", "8x1024x4096 bf16", "16x64x128x128 fp32 channels_last"):
-        for impl in ("fwd", "fwd, inplace", "fwd+bwd") + (() if "channels_last" in case else ("bias_dropout_add",)):
+    strided = ("16x64x128x128 fp32 channels_last", "8x16x1024x128 fp32 heads transposed")
+    for case in ("16M fp32", "8x1024x4096 bf16") + strided:
+        for impl in ("fwd", "fwd, inplace", "fwd+bwd") + (() if case in strided else ("bias_dropout_add",)):
             assert (case, f"fusedopt {impl}") in drop and (case, f"torch {impl}") in drop
     assert data["skipped"] == [] and data["mismatches"] == []
     assert (tmp_path / "results.png").stat().st_size > 0

@@ -407,11 +407,15 @@ def masked_ratios(rows):
             r["masked_over_unmasked"] = r["median_ms"] / plain[r["layout"]]
 
 
-# (label, shape, dtype, memory format); a convolution's activations in channels_last are dense but not
-# contiguous (Note [Strided dropout]).
-DROPOUT_CASES = [("16M fp32", (16 * 2**20,), torch.float32, torch.contiguous_format),
-                 ("8x1024x4096 bf16", (8, 1024, 4096), torch.bfloat16, torch.contiguous_format),
-                 ("16x64x128x128 fp32 channels_last", (16, 64, 128, 128), torch.float32, torch.channels_last)]
+# (label, shape, dtype, arrange: the case's layout of a contiguous tensor of that shape). A convolution's
+# activations in channels_last and attention heads transposed out of [batch, seq, heads, dim] are dense but not
+# contiguous (Note [Strided dropout]): the strided walk's tiles and rows, on as many elements as "16M fp32".
+DROPOUT_CASES = [("16M fp32", (16 * 2**20,), torch.float32, None),
+                 ("8x1024x4096 bf16", (8, 1024, 4096), torch.bfloat16, None),
+                 ("16x64x128x128 fp32 channels_last", (16, 64, 128, 128), torch.float32,
+                  lambda t: t.contiguous(memory_format=torch.channels_last)),
+                 ("8x16x1024x128 fp32 heads transposed", (8, 1024, 16, 128), torch.float32,
+                  lambda t: t.transpose(1, 2))]
 
 
 def bench_dropout(args, device, timer, yard, progress):
@@ -422,9 +426,10 @@ def bench_dropout(args, device, timer, yard, progress):
     from fusedopt.nn import functional as F
 
     rows = []
-    for label, shape, dtype, layout in DROPOUT_CASES:
-        x = torch.randn(shape, device=device).to(dtype, memory_format=layout).requires_grad_()
-        dy = torch.randn(shape, device=device).to(dtype, memory_format=layout)
+    for label, shape, dtype, arrange in DROPOUT_CASES:
+        arrange = arrange or (lambda t: t)
+        x = arrange(torch.randn(shape, device=device, dtype=dtype)).requires_grad_()
+        dy = arrange(torch.randn(shape, device=device, dtype=dtype))
         work = [x.detach().clone(), x.detach().clone()]  # in-place targets, one each (clone keeps the layout)
         impls = {
             "fusedopt fwd": lambda: F.dropout(x.detach(), 0.1, True),
@@ -435,7 +440,7 @@ def bench_dropout(args, device, timer, yard, progress):
             "fusedopt fwd+bwd": lambda: torch.autograd.grad(F.dropout(x, 0.1, True), x, dy),
             "torch fwd+bwd": lambda: torch.autograd.grad(torch.nn.functional.dropout(x, 0.1, True), x, dy),
         }
-        if layout == torch.contiguous_format:  # bias_dropout_add on rows of 4096 (a transformer's hidden size)
+        if x.is_contiguous():  # bias_dropout_add on rows of 4096 (a transformer's hidden size)
             rows2d, res2d = x.detach().view(-1, 4096), dy.view(-1, 4096)
             bias = torch.randn(4096, device=device).to(dtype)
             impls["fusedopt bias_dropout_add"] = lambda: F.bias_dropout_add(rows2d, bias, res2d, 0.1, True)
