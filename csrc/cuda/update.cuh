@@ -43,11 +43,13 @@ void update(const OptimizerCall<math::AdagradHyper>& call, const Launch& l);
 void update(const OptimizerCall<math::RmspropHyper>& call, const Launch& l);
 void update(const OptimizerCall<math::AdamHyper>& call, const Launch& l);
 
-// One block per chunk of the launch plan, at most 64 registers a thread (two
-// blocks per SM). The arguments stay in the constant bank (__grid_constant__:
-// a block's run-time slot index reads them in place, nothing is copied).
+// One block per chunk of the launch plan, Body::kBlocksPerSM blocks an SM
+// (Note [Register budget]). The arguments stay in the constant bank
+// (__grid_constant__: a block's run-time slot index reads them in place,
+// nothing is copied).
 template <typename Body>
-__global__ void __launch_bounds__(mta::kThreads, 2) update_kernel(const __grid_constant__ typename Body::Args args) {
+__global__ void __launch_bounds__(mta::kThreads, Body::kBlocksPerSM)
+    update_kernel(const __grid_constant__ typename Body::Args args) {
   Body::run(args, blockIdx.x, threadIdx.x, blockDim.x);
 }
 

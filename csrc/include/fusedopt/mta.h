@@ -70,6 +70,30 @@ constexpr size_t kArgBytes = 32 * 1024 - 512;     // Note [Kernel arguments]
 template <typename T>
 constexpr int kGroup = sizeof(T) >= 4 ? 4 : 8;
 
+// Note [Register budget]
+// Two blocks of kThreads fit an SM when a thread holds at most 64 registers
+// (65536 a SM), one when it holds at most 128. What does not fit, ptxas
+// spills to local memory: stores and loads on every group of a streaming
+// kernel. Under 64 registers for every body, the sm_90 build (nvcc 13.0)
+// spilled 12-200 bytes a thread in 70 of the 96 Adam kernels, and likewise
+// in the other optimizers: every fp64 Adam and RMSprop, and fp16/bf16 ones
+// whose 8-element group holds many arrays (AMSGrad, centered RMSprop with
+// momentum) or draws bits (a mask, stochastic rounding); no fp32 kernel
+// spilled. Each body takes two blocks where its live op-math values fit
+// (G elements × N arrays, plus 16 registers for a mask's Philox draw and 8
+// for the rounding bits: at most 36, a bound the ptxas reports fit), else
+// one block of up to 128 registers, with which none of them spills; fp64
+// always one. One block still keeps 512 threads' groups in flight (a bf16
+// Adam group with fp32 state moves 96 bytes). scripts/cuda_build_check.sh
+// fails the build on any spill (ptxas --warn-on-spills), so a body whose
+// estimate goes wrong is caught. What each choice costs in time has not been
+// measured on a GPU.
+template <typename scalar_t, int N, bool MASK, bool SR>
+constexpr int blocks_per_sm() {
+  if constexpr (sizeof(scalar_t) == 8) return 1;
+  return kGroup<scalar_t> * N + (MASK ? 16 : 0) + (SR ? 8 : 0) <= 36 ? 2 : 1;
+}
+
 // Slot info bits: the parameter's index (< 2^24, checked by gather), whether
 // its step is float64, whether every pointer of the slot is 16-byte aligned.
 constexpr uint32_t kIndexMask = (1u << 24) - 1;
@@ -359,6 +383,7 @@ template <typename scalar_t, typename state_t, bool SR, bool MASK, math::Decay D
 struct SgdChunk {
   static constexpr int N = MOMENTUM ? 3 : 2;
   using Args = mta::Args<N, math::SgdHyper>;
+  static constexpr int kBlocksPerSM = blocks_per_sm<scalar_t, N, MASK, SR>();  // Note [Register budget]
   using S = typename OpMath<scalar_t>::type;
   FUSEDOPT_HD static void run(const Args& a, int64_t block, int64_t tid, int64_t threads) {
     optimizer_chunk<scalar_t, state_t, SR, N, MASK>(a, block, tid, threads, [&](int64_t t, const auto& pre, const auto& common) {
@@ -372,6 +397,7 @@ template <typename scalar_t, typename state_t, bool SR, bool MASK, math::Decay D
 struct AdagradChunk {
   static constexpr int N = 3;
   using Args = mta::Args<N, math::AdagradHyper>;
+  static constexpr int kBlocksPerSM = blocks_per_sm<scalar_t, N, MASK, SR>();  // Note [Register budget]
   using S = typename OpMath<scalar_t>::type;
   FUSEDOPT_HD static void run(const Args& a, int64_t block, int64_t tid, int64_t threads) {
     optimizer_chunk<scalar_t, state_t, SR, N, MASK>(a, block, tid, threads, [&](int64_t t, const auto& pre, const auto& common) {
@@ -386,6 +412,7 @@ template <typename scalar_t, typename state_t, bool SR, bool MASK, math::Decay D
 struct RmspropChunk {
   static constexpr int N = 3 + CENTERED + MOMENTUM;
   using Args = mta::Args<N, math::RmspropHyper>;
+  static constexpr int kBlocksPerSM = blocks_per_sm<scalar_t, N, MASK, SR>();  // Note [Register budget]
   using S = typename OpMath<scalar_t>::type;
   FUSEDOPT_HD static void run(const Args& a, int64_t block, int64_t tid, int64_t threads) {
     optimizer_chunk<scalar_t, state_t, SR, N, MASK>(a, block, tid, threads, [&](int64_t t, const auto& pre, const auto& common) {
@@ -399,6 +426,7 @@ template <typename scalar_t, typename state_t, bool SR, bool MASK, math::Decay D
 struct AdamChunk {
   static constexpr int N = AMSGRAD ? 5 : 4;
   using Args = mta::Args<N, math::AdamHyper>;
+  static constexpr int kBlocksPerSM = blocks_per_sm<scalar_t, N, MASK, SR>();  // Note [Register budget]
   using S = typename OpMath<scalar_t>::type;
   FUSEDOPT_HD static void run(const Args& a, int64_t block, int64_t tid, int64_t threads) {
     optimizer_chunk<scalar_t, state_t, SR, N, MASK>(a, block, tid, threads, [&](int64_t t, const auto& pre, const auto& common) {
