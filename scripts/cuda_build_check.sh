@@ -77,7 +77,8 @@ if [ -n "$other" ]; then
 fi
 if [ -n "$update" ]; then
   echo "$update" | head -30 | show
-  echo "cuda_build_check: FAILED: $(echo "$update" | wc -l) update kernel builds spill registers (above, the largest first)"
+  echo "cuda_build_check: FAILED: $(echo "$update" | wc -l) update kernel builds spill registers" \
+    "(above, the largest first)"
   exit 1
 fi
 echo "cuda_build_check: no update kernel spills registers (ptxas --warn-on-spills)"

@@ -75,19 +75,19 @@ constexpr int kGroup = sizeof(T) >= 4 ? 4 : 8;
 // (65536 a SM), one when it holds at most 128. What does not fit, ptxas
 // spills to local memory: stores and loads on every group of a streaming
 // kernel. Under 64 registers for every body, the sm_90 build (nvcc 13.0)
-// spilled 12-200 bytes a thread in 70 of the 96 Adam kernels, and likewise
-// in the other optimizers: every fp64 Adam and RMSprop, and fp16/bf16 ones
-// whose 8-element group holds many arrays (AMSGrad, centered RMSprop with
-// momentum) or draws bits (a mask, stochastic rounding); no fp32 kernel
-// spilled. Each body takes two blocks where its live op-math values fit
-// (G elements × N arrays, plus 16 registers for a mask's Philox draw and 8
-// for the rounding bits: at most 36, a bound the ptxas reports fit), else
-// one block of up to 128 registers, with which none of them spills; fp64
-// always one. One block still keeps 512 threads' groups in flight (a bf16
-// Adam group with fp32 state moves 96 bytes). scripts/cuda_build_check.sh
-// fails the build on any spill (ptxas --warn-on-spills), so a body whose
-// estimate goes wrong is caught. What each choice costs in time has not been
-// measured on a GPU.
+// spilled 12-200 bytes a thread in 271 of the 528 update kernels (Adam 70 of
+// 96, RMSprop 119 of 192, SGD 63 of 192, Adagrad 19 of 48): fp64 ones, and
+// fp16/bf16 ones whose 8-element group holds many arrays (AMSGrad, centered
+// RMSprop with momentum) or draws bits (a mask, stochastic rounding); no
+// fp32 kernel spilled. Each body takes two blocks where its live op-math
+// values fit (G elements × N arrays, plus 16 registers for a mask's Philox
+// draw and 8 for the rounding bits: at most 36, a bound the ptxas reports
+// fit), else one block of up to 128 registers, with which none of them
+// spills; fp64 always one. One block still keeps 512 threads' groups in flight (a bf16
+// Adam group with fp32 state loads 96 bytes). scripts/cuda_build_check.sh
+// fails when an update kernel spills (ptxas --warn-on-spills), so a body
+// whose estimate goes wrong is caught. What each choice costs in time has not
+// been measured on a GPU.
 template <typename scalar_t, int N, bool MASK, bool SR>
 constexpr int blocks_per_sm() {
   if constexpr (sizeof(scalar_t) == 8) return 1;
