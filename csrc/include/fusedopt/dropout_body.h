@@ -204,7 +204,10 @@ FUSEDOPT_HD inline void dbias_partial_thread(int64_t block, int64_t thread, int6
     const int64_t b = u / col_units;
     const int64_t c0 = (u - b * col_units) * U;
     const int cn = static_cast<int>(std::min<int64_t>(U, a.h - c0));
+    // Loops over k run to U, with k < cn tested inside: with constant bounds they unroll and acc stays in
+    // registers (a loop to cn put it in local memory, and the sm_80 build spilled).
     S acc[U];
+    FUSEDOPT_UNROLL
     for (int k = 0; k < U; ++k) acc[k] = 0;
     const int64_t r_end = std::min(rows, (b + 1) * rb.per_block);
     for (int64_t r = b * rb.per_block; r < r_end; ++r) {
@@ -222,7 +225,9 @@ FUSEDOPT_HD inline void dbias_partial_thread(int64_t block, int64_t thread, int6
         store_unit(a.y + i0, v);
       } else {
         const uint32_t keep = philox::keep_run<U>(a.seed, a.offset, a.threshold, static_cast<uint64_t>(i0));
-        for (int k = 0; k < cn; ++k) {
+        FUSEDOPT_UNROLL
+        for (int k = 0; k < U; ++k) {
+          if (k >= cn) continue;
           const int64_t i = i0 + k;
           const S d = math::dropout(static_cast<S>(a.x[i]), (keep >> k & 1u) ? a.scale : S(0));
           a.y[i] = static_cast<T>(d);
@@ -230,7 +235,9 @@ FUSEDOPT_HD inline void dbias_partial_thread(int64_t block, int64_t thread, int6
         }
       }
     }
-    for (int k = 0; k < cn; ++k) a.partial[b * a.h + c0 + k] = acc[k];
+    FUSEDOPT_UNROLL
+    for (int k = 0; k < U; ++k)
+      if (k < cn) a.partial[b * a.h + c0 + k] = acc[k];
   }
 }
 
@@ -338,9 +345,11 @@ FUSEDOPT_HD inline void strided_rows_thread(int64_t block, int64_t thread, int64
     if (a.vec && j0 + U <= j_size) {
       T v[U];
       load_unit(a.x + m0, v);
+      FUSEDOPT_UNROLL
       for (int k = 0; k < U; ++k) v[k] = dropped(a, v[k], keep >> k & 1u);
       store_unit(a.y + m0, v);
     } else {
+      FUSEDOPT_UNROLL
       for (int k = 0; k < U && j0 + k < j_size; ++k) a.y[m0 + k] = dropped(a, a.x[m0 + k], keep >> k & 1u);
     }
   }

@@ -85,8 +85,8 @@ constexpr int kGroup = sizeof(T) >= 4 ? 4 : 8;
 // fit), else one block of up to 128 registers, with which none of them
 // spills; fp64 always one. One block still keeps 512 threads' groups in flight (a bf16
 // Adam group with fp32 state loads 96 bytes). scripts/cuda_build_check.sh
-// fails when an update kernel spills (ptxas --warn-on-spills), so a body
-// whose estimate goes wrong is caught. What each choice costs in time has not
+// fails when any kernel spills (ptxas --warn-on-spills), so a body whose
+// estimate goes wrong is caught. What each choice costs in time has not
 // been measured on a GPU.
 template <typename scalar_t, int N, bool MASK, bool SR>
 constexpr int blocks_per_sm() {
