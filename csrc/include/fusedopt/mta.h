@@ -83,11 +83,11 @@ constexpr int kGroup = sizeof(T) >= 4 ? 4 : 8;
 // values fit (G elements × N arrays, plus 16 registers for a mask's Philox
 // draw and 8 for the rounding bits: at most 36, a bound the ptxas reports
 // fit), else one block of up to 128 registers, with which none of them
-// spills; fp64 always one. One block still keeps 512 threads' groups in flight (a bf16
-// Adam group with fp32 state loads 96 bytes). scripts/cuda_build_check.sh
-// fails when any kernel spills (ptxas --warn-on-spills), so a body whose
-// estimate goes wrong is caught. What each choice costs in time has not
-// been measured on a GPU.
+// spills; fp64 always one. One block still keeps 512 threads' groups in
+// flight (a bf16 Adam group with fp32 state loads 96 bytes).
+// scripts/cuda_build_check.sh fails when any kernel spills (ptxas
+// --warn-on-spills), so a body whose estimate goes wrong is caught. What
+// each choice costs in time has not been measured on a GPU.
 template <typename scalar_t, int N, bool MASK, bool SR>
 constexpr int blocks_per_sm() {
   if constexpr (sizeof(scalar_t) == 8) return 1;
